@@ -1,0 +1,211 @@
+"""guided-diffusion / Debias PyTorch checkpoints ⇄ Flax UNet parameters.
+
+Flax submodules carry their PyTorch module paths as names (see `models.unet`), so a
+PyTorch key is the Flax path joined by "." plus the PyTorch leaf name. Layouts:
+conv weights (O, I, kh, kw) ⇄ kernels (kh, kw, I, O); linear (O, I) and 1×1 conv1d
+(O, I, 1) ⇄ dense kernels (I, O); GroupNorm weight ⇄ scale; Embedding ⇄ embedding.
+
+Reading checkpoint files is a security boundary: `.safetensors` and `.npz` are read
+without pickle; `.pt` goes through `torch.load(weights_only=True)` when torch is
+installed, and is refused otherwise. Arbitrary objects are never unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from typing import Mapping
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import traverse_util
+
+from diffusion_jax.models import init_params
+
+_CONV1D = ("qkv", "proj_out")  # Conv1d(k=1) in PyTorch, Dense in Flax
+_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight",
+                  "bias": "bias"}
+
+
+class CheckpointMismatchError(ValueError):
+  """A state_dict that does not fit the model; the message lists every difference."""
+
+
+def param_shapes(model) -> dict[tuple, tuple]:
+  """Flattened Flax param paths -> shapes, without allocating parameters."""
+  shapes = jax.eval_shape(lambda k: init_params(model, k), jax.random.PRNGKey(0))
+  return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes).items()}
+
+
+def torch_key(path: tuple) -> str:
+  return ".".join(path[:-1] + (_LEAF_TO_TORCH[path[-1]],))
+
+
+def _to_torch_layout(path: tuple, value: np.ndarray) -> np.ndarray:
+  if path[-1] != "kernel":
+    return value
+  if value.ndim == 4:
+    return value.transpose(3, 2, 0, 1)
+  if path[-2] in _CONV1D:
+    return value.T[:, :, None]
+  return value.T
+
+
+def _from_torch_layout(path: tuple, value: np.ndarray) -> np.ndarray:
+  if path[-1] != "kernel":
+    return value
+  if value.ndim == 4:
+    return value.transpose(2, 3, 1, 0)
+  if value.ndim == 3:
+    return value[:, :, 0].T
+  return value.T
+
+
+def expected_torch_shapes(model) -> dict[str, tuple]:
+  """The PyTorch state_dict keys and shapes that `model` corresponds to."""
+  out = {}
+  for path, shape in param_shapes(model).items():
+    out[torch_key(path)] = _to_torch_layout(path, np.empty(shape, np.uint8)).shape
+  return out
+
+
+def _likely_causes(missing, unexpected, wrong_shape) -> list[str]:
+  keys = set(missing) | set(unexpected)
+  hints = []
+  if "label_emb.weight" in keys:
+    hints.append("class_cond (the checkpoint %s a label embedding)" %
+                 ("has" if "label_emb.weight" in unexpected else "lacks"))
+  if any(re.match(r"(input|output)_blocks\.\d+\.\d+\.(in_layers|op|conv)", k) for k in keys):
+    hints.append("num_res_blocks, channel_mult, image_size or resblock_updown (the block "
+                 "structure differs)")
+  if any(".qkv." in k or ".norm." in k for k in keys):
+    hints.append("attention_resolutions (attention blocks sit at other resolutions)")
+  if any(".skip_connection." in k for k in keys):
+    hints.append("num_channels or channel_mult (skip convolutions differ)")
+  if "out.2.weight" in wrong_shape:
+    hints.append("learn_sigma (the output has %d channels in the file, %d in the model)"
+                 % (wrong_shape["out.2.weight"][0][0], wrong_shape["out.2.weight"][1][0]))
+  if any(k.startswith("time_embed.") for k in wrong_shape):
+    hints.append("num_channels")
+  if any(".emb_layers." in k for k in wrong_shape):
+    hints.append("use_scale_shift_norm (embedding projections are 2× wide with it)")
+  if wrong_shape and not hints:
+    hints.append("num_channels or channel_mult")
+  return hints
+
+
+def validate_state_dict(state_dict: Mapping[str, np.ndarray], model) -> None:
+  """Raises CheckpointMismatchError listing missing, unexpected and mis-shaped keys."""
+  expected = expected_torch_shapes(model)
+  missing = sorted(set(expected) - set(state_dict))
+  unexpected = sorted(set(state_dict) - set(expected))
+  wrong = {k: (tuple(np.shape(state_dict[k])), expected[k]) for k in sorted(expected)
+           if k in state_dict and tuple(np.shape(state_dict[k])) != expected[k]}
+  if not (missing or unexpected or wrong):
+    return
+  lines = ["The checkpoint does not match the model configuration."]
+  if missing:
+    lines.append(f"Missing keys ({len(missing)}): {', '.join(missing[:20])}"
+                 + (" ..." if len(missing) > 20 else ""))
+  if unexpected:
+    lines.append(f"Unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}"
+                 + (" ..." if len(unexpected) > 20 else ""))
+  for k, (got, want) in list(wrong.items())[:20]:
+    lines.append(f"Shape of {k}: file {got}, model {want}")
+  lines.append("Likely cause: " + "; ".join(_likely_causes(missing, unexpected, wrong))
+               + ". Fix the model config to match the checkpoint.")
+  raise CheckpointMismatchError("\n".join(lines))
+
+
+def torch_to_flax(state_dict: Mapping[str, np.ndarray], model) -> dict:
+  """Flax params (float32 pytree) from a guided-diffusion UNet state_dict of arrays."""
+  state_dict = {k: np.asarray(v) for k, v in state_dict.items()}
+  validate_state_dict(state_dict, model)
+  flat = {path: _from_torch_layout(path, state_dict[torch_key(path)]).astype(np.float32)
+          for path in param_shapes(model)}
+  return traverse_util.unflatten_dict(flat)
+
+
+def flax_to_torch(params, model) -> dict[str, np.ndarray]:
+  """The guided-diffusion state_dict (key -> float32 numpy array) of Flax `params`."""
+  flat = traverse_util.flatten_dict(jax.device_get(params))
+  shapes = param_shapes(model)
+  if set(flat) != set(shapes):
+    raise CheckpointMismatchError(
+        f"params do not fit the model: {sorted(set(flat) ^ set(shapes))[:10]}")
+  return {torch_key(p): np.ascontiguousarray(_to_torch_layout(p, np.asarray(v, np.float32)))
+          for p, v in flat.items()}
+
+
+# --- safe file reading ---
+
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+                       "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
+                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """Tensors of a .safetensors file (a JSON header and raw little-endian buffers)."""
+  with open(path, "rb") as f:
+    data = f.read()
+  if len(data) < 8:
+    raise ValueError(f"{path} is too short to be a safetensors file.")
+  (header_len,) = struct.unpack("<Q", data[:8])
+  try:
+    header = json.loads(data[8:8 + header_len])
+  except ValueError as e:
+    raise ValueError(f"{path} has no valid safetensors header: {e}") from None
+  base = 8 + header_len
+  out = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    if info["dtype"] not in _SAFETENSORS_DTYPES:
+      raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}.")
+    start, end = info["data_offsets"]
+    arr = np.frombuffer(data[base + start:base + end],
+                        dtype=np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<"))
+    out[name] = arr.reshape(info["shape"]).astype(arr.dtype.newbyteorder("="))
+  return out
+
+
+def write_safetensors(tensors: Mapping[str, np.ndarray], path: str) -> None:
+  names = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+  header, offset, blobs = {}, 0, []
+  for name in sorted(tensors):
+    arr = np.ascontiguousarray(tensors[name])
+    blob = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+    header[name] = {"dtype": names[arr.dtype], "shape": list(arr.shape),
+                    "data_offsets": [offset, offset + len(blob)]}
+    offset += len(blob)
+    blobs.append(blob)
+  head = json.dumps(header).encode()
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+  """A state_dict of numpy arrays from .pt/.pth, .safetensors or .npz, never unpickling."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No checkpoint file at {path}.")
+  ext = os.path.splitext(path)[1].lower()
+  if ext == ".safetensors":
+    return read_safetensors(path)
+  if ext == ".npz":
+    with np.load(path, allow_pickle=False) as z:
+      return {k: z[k] for k in z.files}
+  if ext in (".pt", ".pth", ".bin", ".ckpt"):
+    try:
+      import torch  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise ImportError(
+          f"Reading {path} needs PyTorch (pip install 'diffusion_jax[torch]'), or convert "
+          "it to .safetensors or .npz first.") from None
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(sd, Mapping):
+      raise ValueError(f"{path} holds a {type(sd).__name__}, not a state_dict.")
+    return {k: v.detach().float().numpy() for k, v in sd.items()}
+  raise ValueError(f"Unsupported checkpoint format {ext!r} for {path}; use .pt, "
+                   ".safetensors or .npz.")

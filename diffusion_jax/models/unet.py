@@ -1,0 +1,285 @@
+"""guided-diffusion's ADM UNet in flax.linen, layer for layer, NHWC.
+
+Submodules are named by their PyTorch module path ("input_blocks.1.0", "in_layers.2",
+...), so a Flax parameter path joined with "." is the PyTorch state_dict key minus the
+leaf name; `diffusion_jax.convert` relies on this. Parameters are float32; `dtype`
+sets the compute precision of convolutions and dense layers, while GroupNorm
+statistics, the attention softmax, the timestep MLP and the output head stay float32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding (B,) -> (B, dim) float32: [cos(t·f), sin(t·f)], f_i = P^(−i/half)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+  return emb
+
+
+def _norm(name: str) -> nn.Module:
+  # GroupNorm's params live directly under the PyTorch name (e.g. "in_layers.0").
+  return nn.GroupNorm(num_groups=32, epsilon=1e-5, dtype=jnp.float32,
+                      param_dtype=jnp.float32, use_fast_variance=False, name=name)
+
+
+def _group_norm(module: nn.Module, x):
+  return module(x.astype(jnp.float32)).astype(x.dtype)
+
+
+def _conv(features: int, name: str, dtype: Dtype, kernel: int = 3, stride: int = 1,
+          zero: bool = False) -> nn.Conv:
+  pad = kernel // 2  # PyTorch's symmetric padding, also for stride 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((pad, pad), (pad, pad)), dtype=dtype, param_dtype=jnp.float32,
+                 kernel_init=nn.initializers.zeros if zero else _torch_default_init,
+                 name=name)
+
+
+def _torch_default_init(key, shape, dtype=jnp.float32):
+  """PyTorch's default kernel init, kaiming_uniform(a=√5): U(±1/√fan_in). Biases start at 0."""
+  fan_in = math.prod(shape[:-1])
+  bound = 1.0 / math.sqrt(fan_in)
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _dense(features: int, name: str, dtype: Dtype, zero: bool = False) -> nn.Dense:
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=nn.initializers.zeros if zero else _torch_default_init,
+                  name=name)
+
+
+def upsample_nearest(x):
+  """Nearest-neighbour ×2 on H and W (NHWC)."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def avg_pool2(x):
+  """2×2 average pooling, stride 2 (NHWC)."""
+  return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class Upsample(nn.Module):
+  channels: int
+  use_conv: bool
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = upsample_nearest(x)
+    if self.use_conv:
+      x = _conv(self.channels, "conv", self.dtype)(x)
+    return x
+
+
+class Downsample(nn.Module):
+  channels: int
+  use_conv: bool
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.use_conv:
+      return _conv(self.channels, "op", self.dtype, stride=2)(x)
+    return avg_pool2(x)
+
+
+class ResBlock(nn.Module):
+  """GroupNorm-SiLU-conv, timestep embedding (add or scale-shift), GroupNorm-SiLU-dropout-conv."""
+  out_channels: int
+  dropout: float = 0.0
+  use_scale_shift_norm: bool = False
+  up: bool = False
+  down: bool = False
+  deterministic: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, emb):
+    h = nn.silu(_group_norm(_norm("in_layers.0"), x))
+    if self.up:
+      h, x = upsample_nearest(h), upsample_nearest(x)
+    elif self.down:
+      h, x = avg_pool2(h), avg_pool2(x)
+    h = _conv(self.out_channels, "in_layers.2", self.dtype)(h)
+    emb_out = _dense(2 * self.out_channels if self.use_scale_shift_norm else self.out_channels,
+                     "emb_layers.1", self.dtype)(nn.silu(emb)).astype(h.dtype)
+    emb_out = emb_out[:, None, None, :]
+    out_norm = _norm("out_layers.0")
+    if self.use_scale_shift_norm:
+      scale, shift = jnp.split(emb_out, 2, axis=-1)
+      h = _group_norm(out_norm, h) * (1 + scale) + shift
+    else:
+      h = _group_norm(out_norm, h + emb_out)
+    h = nn.Dropout(self.dropout, deterministic=self.deterministic)(nn.silu(h))
+    h = _conv(self.out_channels, "out_layers.3", self.dtype, zero=True)(h)
+    if x.shape[-1] != self.out_channels:
+      x = _conv(self.out_channels, "skip_connection", self.dtype, kernel=1)(x)
+    return x + h
+
+
+def qkv_attention(qkv: jax.Array, num_heads: int, new_order: bool) -> jax.Array:
+  """Self-attention over the T axis of qkv (B, T, 3·C); returns (B, T, C).
+
+  Channel layout of qkv follows guided-diffusion: the legacy order interleaves per
+  head [q_h, k_h, v_h]; the new order is [q (all heads), k, v]. Logits are scaled by
+  1/√d (as two factors d^(−1/4) on q and k, like the reference), softmax in float32.
+  """
+  b, t, width = qkv.shape
+  ch = width // (3 * num_heads)
+  if new_order:
+    q, k, v = (a.reshape(b, t, num_heads, ch) for a in jnp.split(qkv, 3, axis=-1))
+  else:
+    q, k, v = jnp.split(qkv.reshape(b, t, num_heads, 3 * ch), 3, axis=-1)
+  scale = 1.0 / math.sqrt(math.sqrt(ch))
+  logits = jnp.einsum("bthc,bshc->bhts", q * scale, k * scale)
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(qkv.dtype)
+  return jnp.einsum("bhts,bshc->bthc", weights, v).reshape(b, t, num_heads * ch)
+
+
+class AttentionBlock(nn.Module):
+  """Spatial self-attention with a residual connection; proj_out is zero-initialised."""
+  num_heads: int = 1
+  num_head_channels: int = -1
+  use_new_attention_order: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, hgt, wid, c = x.shape
+    if self.num_head_channels == -1:
+      heads = self.num_heads
+    else:
+      if c % self.num_head_channels:
+        raise ValueError(f"{c} channels do not divide into heads of "
+                         f"num_head_channels={self.num_head_channels}.")
+      heads = c // self.num_head_channels
+    if c % heads:
+      raise ValueError(f"{c} channels do not divide into num_heads={heads}.")
+    h = _group_norm(_norm("norm"), x).reshape(b, hgt * wid, c)
+    qkv = _dense(3 * c, "qkv", self.dtype)(h)
+    h = qkv_attention(qkv, heads, self.use_new_attention_order)
+    h = _dense(c, "proj_out", self.dtype, zero=True)(h)
+    return x + h.reshape(b, hgt, wid, c)
+
+
+class UNetModel(nn.Module):
+  """The ADM UNet (Dhariwal & Nichol), with guided-diffusion's options and names.
+
+  Call: `model.apply({"params": p}, x, t, y=None, train=False, rngs={"dropout": k})`
+  with x (B, H, W, in_channels) and t (B,) int or float; returns (B, H, W,
+  out_channels) float32.
+  """
+  image_size: int
+  in_channels: int
+  model_channels: int
+  out_channels: int
+  num_res_blocks: int
+  attention_resolutions: Sequence[int]  # downsampling factors (ds) with attention
+  dropout: float = 0.0
+  channel_mult: Sequence[float] = (1, 2, 4, 8)
+  conv_resample: bool = True
+  num_classes: int | None = None
+  use_checkpoint: bool = False
+  dtype: Dtype = jnp.float32
+  num_heads: int = 1
+  num_head_channels: int = -1
+  num_heads_upsample: int = -1
+  use_scale_shift_norm: bool = False
+  resblock_updown: bool = False
+  use_new_attention_order: bool = False
+
+  @nn.compact
+  def __call__(self, x, t, y=None, train: bool = False):
+    if (self.num_classes is None) != (y is None):
+      raise ValueError("Pass class labels y exactly when the model is class-conditional "
+                       f"(num_classes={self.num_classes}).")
+    if x.ndim != 4 or x.shape[-1] != self.in_channels:
+      raise ValueError(f"Expected NHWC input with {self.in_channels} channels; got shape "
+                       f"{tuple(x.shape)}.")
+    factor = 2 ** (len(self.channel_mult) - 1)
+    if x.shape[1] % factor or x.shape[2] % factor:
+      raise ValueError(f"Image size {x.shape[1:3]} is not divisible by {factor}, the "
+                       f"downsampling of channel_mult={tuple(self.channel_mult)}.")
+    res_block = nn.remat(ResBlock) if self.use_checkpoint else ResBlock
+    attn_block = nn.remat(AttentionBlock) if self.use_checkpoint else AttentionBlock
+    heads_up = self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
+    common = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
+                  deterministic=not train, dtype=self.dtype)
+
+    def attention(name, heads):
+      return attn_block(num_heads=heads, num_head_channels=self.num_head_channels,
+                        use_new_attention_order=self.use_new_attention_order,
+                        dtype=self.dtype, name=name)
+
+    emb_dim = self.model_channels * 4
+    emb = timestep_embedding(t, self.model_channels)
+    emb = _dense(emb_dim, "time_embed.0", jnp.float32)(emb)
+    emb = _dense(emb_dim, "time_embed.2", jnp.float32)(nn.silu(emb))
+    if self.num_classes is not None:
+      emb = emb + nn.Embed(self.num_classes, emb_dim, name="label_emb",
+                           embedding_init=nn.initializers.normal(1.0))(y)
+
+    h = x.astype(self.dtype)
+    ch = int(self.channel_mult[0] * self.model_channels)
+    h = _conv(ch, "input_blocks.0.0", self.dtype)(h)
+    hs, chans, ds, block = [h], [ch], 1, 1
+    for level, mult in enumerate(self.channel_mult):
+      for _ in range(self.num_res_blocks):
+        ch = int(mult * self.model_channels)
+        h = res_block(out_channels=ch, name=f"input_blocks.{block}.0", **common)(h, emb)
+        if ds in self.attention_resolutions:
+          h = attention(f"input_blocks.{block}.1", self.num_heads)(h)
+        hs.append(h)
+        chans.append(ch)
+        block += 1
+      if level != len(self.channel_mult) - 1:
+        name = f"input_blocks.{block}.0"
+        if self.resblock_updown:
+          h = res_block(out_channels=ch, down=True, name=name, **common)(h, emb)
+        else:
+          h = Downsample(ch, self.conv_resample, self.dtype, name=name)(h)
+        hs.append(h)
+        chans.append(ch)
+        ds *= 2
+        block += 1
+
+    h = res_block(out_channels=ch, name="middle_block.0", **common)(h, emb)
+    h = attention("middle_block.1", self.num_heads)(h)
+    h = res_block(out_channels=ch, name="middle_block.2", **common)(h, emb)
+
+    block = 0
+    for level, mult in list(enumerate(self.channel_mult))[::-1]:
+      for i in range(self.num_res_blocks + 1):
+        chans.pop()
+        h = jnp.concatenate([h, hs.pop()], axis=-1)
+        ch = int(self.model_channels * mult)
+        h = res_block(out_channels=ch, name=f"output_blocks.{block}.0", **common)(h, emb)
+        sub = 1
+        if ds in self.attention_resolutions:
+          h = attention(f"output_blocks.{block}.1", heads_up)(h)
+          sub = 2
+        if level and i == self.num_res_blocks:
+          name = f"output_blocks.{block}.{sub}"
+          if self.resblock_updown:
+            h = res_block(out_channels=ch, up=True, name=name, **common)(h, emb)
+          else:
+            h = Upsample(ch, self.conv_resample, self.dtype, name=name)(h)
+          ds //= 2
+        block += 1
+
+    h = h.astype(jnp.float32)
+    h = nn.silu(_group_norm(_norm("out.0"), h))
+    return _conv(self.out_channels, "out.2", jnp.float32, zero=True)(h)
