@@ -18,7 +18,7 @@ setup(
                  "'Unmasking Bias in Diffusion Model Training' (Yu et al., ECCV 2024)."),
     long_description=(_HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["diffusion_jax", "diffusion_jax.*"]),
+    packages=find_packages(include=["diffusion_jax", "diffusion_jax.*", "configs"]),
     python_requires=">=3.10",
     install_requires=_requirements("requirements.txt"),
     extras_require={

@@ -209,3 +209,37 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in sd.items()}
   raise ValueError(f"Unsupported checkpoint format {ext!r} for {path}; use .pt, "
                    ".safetensors or .npz.")
+
+
+def step_from_filename(path: str) -> int:
+  """The training step in names like ema_0.9999_500000.pt (0 when there is none)."""
+  m = re.search(r"(\d+)\.(pt|pth|safetensors|npz)$", os.path.basename(path))
+  return int(m.group(1)) if m and "." not in m.group(1) else 0
+
+
+def convert_checkpoint(path: str, config, workdir: str) -> int:
+  """Imports a PyTorch UNet checkpoint into WORKDIR as a train-state checkpoint.
+
+  The weights become both the params and every EMA params; optimiser and sampler
+  states start fresh, so the workdir can be sampled, evaluated or fine-tuned. Refuses
+  a workdir that already has checkpoints. Returns the step it was saved at.
+  """
+  from diffusion_jax import checkpoints, config_lib, train  # pylint: disable=import-outside-toplevel
+  config_lib.validate_config(config)
+  if os.path.isdir(checkpoints.checkpoint_dir(workdir)) and os.listdir(
+      checkpoints.checkpoint_dir(workdir)):
+    raise FileExistsError(f"{workdir} already holds checkpoints; convert into a new workdir.")
+  model = config_lib.build_model(config)
+  params = torch_to_flax(read_state_dict(path), model)
+  tx = config_lib.build_optimizer(config)
+  sampler = config_lib.build_timestep_sampler(config)
+  state = train.init_state(config, model, tx, sampler, jax.random.PRNGKey(0))
+  step = step_from_filename(path)
+  state = state.replace(params=params, ema_params=[params] * len(config.optim.ema_rates),
+                        opt_state=tx.init(params), step=np.int32(step))
+  os.makedirs(workdir, exist_ok=True)
+  manager = checkpoints.create_manager(workdir, config)
+  checkpoints.save(manager, step, state, {}, config)
+  manager.wait_until_finished()
+  manager.close()
+  return step

@@ -155,6 +155,19 @@ class GaussianDiffusion:
   num_timesteps = property(lambda self: self._static[5])
   learns_sigma = property(lambda self: self.var_type == "learned_range")
 
+  def respace(self, section_counts) -> "GaussianDiffusion":
+    """The same process visiting only some steps (guided-diffusion's SpacedDiffusion).
+
+    `section_counts` as in `schedules.space_timesteps` ("ddim50", "10,20", [25]).
+    The new diffusion's model timesteps map back to the original training scale.
+    """
+    keep = schedules.space_timesteps(self.num_timesteps, section_counts)
+    betas, index = schedules.respace_betas(self._tables["betas"], keep)
+    target, var_type, loss_type, weighting, params, _ = self._static
+    return GaussianDiffusion(betas, target=target, var_type=var_type, loss_type=loss_type,
+                             weighting=weighting, weighting_params=dict(params),
+                             timestep_map=self._tables["timestep_map"][index])
+
   def __repr__(self):
     return (f"GaussianDiffusion(T={self.num_timesteps}, target={self.target!r}, "
             f"var_type={self.var_type!r}, loss_type={self.loss_type!r}, "
@@ -367,9 +380,6 @@ def create_diffusion(schedule: str = "linear", num_timesteps: int = 1000,
 
   `kwargs` go to `GaussianDiffusion` (target, var_type, loss_type, weighting, ...).
   """
-  betas = schedules.get_named_beta_schedule(schedule, num_timesteps)
-  if timestep_respacing:
-    keep = schedules.space_timesteps(num_timesteps, timestep_respacing)
-    betas, timestep_map = schedules.respace_betas(betas, keep)
-    kwargs["timestep_map"] = timestep_map
-  return GaussianDiffusion(betas, **kwargs)
+  diff = GaussianDiffusion(schedules.get_named_beta_schedule(schedule, num_timesteps),
+                           **kwargs)
+  return diff.respace(timestep_respacing) if timestep_respacing else diff

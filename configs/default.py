@@ -1,0 +1,105 @@
+"""Every configuration field, with its default. Other configs start from this one.
+
+Run any config with
+  python -m diffusion_jax.main --config=configs/NAME.py --workdir=DIR --mode=train
+and override any field on the command line, e.g. `--config.diffusion.weighting=p2
+--config.diffusion.weighting_params.gamma=0.5`. Unknown fields are an error.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  # guided-diffusion `create_model` arguments (see diffusion_jax.models.create_model).
+  c.model = ml_collections.ConfigDict(dict(
+      image_size=32,
+      in_channels=3,
+      num_channels=64,
+      num_res_blocks=1,
+      channel_mult="",             # "" = guided-diffusion's default for image_size
+      attention_resolutions="16",  # resolutions (pixels) with self-attention
+      num_heads=1,
+      num_head_channels=32,        # -1: use num_heads
+      num_heads_upsample=-1,
+      use_scale_shift_norm=True,
+      resblock_updown=True,
+      use_new_attention_order=False,
+      learn_sigma=True,
+      class_cond=False,
+      num_classes=10,
+      dropout=0.0,
+      use_checkpoint=False,        # rematerialise blocks to save memory
+  ))
+
+  c.diffusion = ml_collections.ConfigDict(dict(
+      schedule="linear",           # linear | cosine
+      num_timesteps=1000,
+      target="eps",                # eps | x0 | v
+      var_type="learned_range",    # fixed_small | fixed_large | learned_range
+      loss_type="rescaled_mse",    # mse | rescaled_mse (hybrid) | kl | rescaled_kl
+      weighting="debias",          # see diffusion_jax.weighting.available()
+      timestep_sampler="uniform",  # uniform | loss-second-moment
+  ))
+  # Parameters of the weighting; None = the weighting's own default. `space`: eps
+  # (same objective for every target) or target (the official code's convention).
+  c.diffusion.weighting_params = ml_collections.ConfigDict(dict(
+      k=ml_collections.FieldReference(None, field_type=float),
+      gamma=ml_collections.FieldReference(None, field_type=float),
+      sigma_data=ml_collections.FieldReference(None, field_type=float),
+      bias=ml_collections.FieldReference(None, field_type=float),
+      space="eps",
+      normalize=False,
+      max_weight=ml_collections.FieldReference(None, field_type=float),
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      dataset="fashion_mnist",     # fashion_mnist | digits | photo_patches | tfds:NAME | folder
+      data_dir="",                 # TFDS data_dir, or the prepared image-folder dataset
+      image_dir="",                # source folder for --mode=prepare
+      split="train",
+      image_size=32,
+      batch_size=16,               # global batch, split over every device and host
+      random_flip=True,
+      skip_bad_files=False,
+      seed=0,
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=2e-5,
+      weight_decay=0.0,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      warmup_steps=0,
+      grad_clip=0.0,               # global-norm clip; 0 disables
+      grad_accum_steps=1,          # micro-batches per step (batch_size must divide)
+      ema_rates=(0.9999,),
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      num_steps=500_000,
+      log_every=100,
+      checkpoint_every=10_000,
+      keep_checkpoints=3,          # the last N are kept ...
+      keep_every=0,                # ... plus every K-th step (0: none)
+      sample_every=0,              # PNG grid from the EMA params (0: only at the end)
+      seed=0,
+      compute_dtype="float32",     # float32 | bfloat16 (params stay float32)
+      nan_policy="halt",           # halt | skip
+      fsdp=1,                      # devices per parameter shard (1: pure data parallel)
+  ))
+
+  c.sample = ml_collections.ConfigDict(dict(
+      sampler="ddim",              # ddpm | ddim | dpm_solver++ | unipc
+      steps=50,
+      eta=0.0,
+      num_samples=64,
+      batch_size=64,
+      clip_denoised=True,
+      ema_rate=-1.0,               # which EMA to sample (-1: the first)
+      seed=0,
+      save_npz=True,
+      save_individual=False,
+  ))
+  return c

@@ -1,0 +1,46 @@
+"""Command line: one library call per --mode.
+
+  python -m diffusion_jax.main --config=configs/quickstart.py --workdir=DIR --mode=train
+
+Config fields are overridden with --config.SECTION.FIELD=VALUE.
+"""
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+MODES = ("train", "convert")
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
+flags.DEFINE_enum("mode", "train", MODES, "What to run.")
+flags.DEFINE_string("checkpoint", None, "--mode=convert: the PyTorch checkpoint to import.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+  from diffusion_jax import distributed  # pylint: disable=import-outside-toplevel
+  distributed.initialize()
+  if FLAGS.mode == "train":
+    from diffusion_jax import train  # pylint: disable=import-outside-toplevel
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  elif FLAGS.mode == "convert":
+    if not FLAGS.checkpoint:
+      raise app.UsageError("--mode=convert needs --checkpoint=PATH (.pt, .safetensors, .npz).")
+    from diffusion_jax import convert  # pylint: disable=import-outside-toplevel
+    convert.convert_checkpoint(FLAGS.checkpoint, FLAGS.config, FLAGS.workdir)
+
+
+def run():
+  """Console-script entry point (`diffusion-jax`)."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

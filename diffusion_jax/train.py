@@ -1,0 +1,350 @@
+"""Training: the TrainState, the pure data-parallel step, and `train_and_evaluate`.
+
+Parallelism is `jax.jit` over a Mesh with axes ('data', 'fsdp'): the global batch is
+sharded over both, the train state is replicated (the 'fsdp' axis is where parameter
+sharding plugs in; its size is train.fsdp, 1 by default). Multi-host runs build the
+global batch with `jax.make_array_from_process_local_data`, so the same code runs on
+one CPU, a GPU box or a TPU pod slice.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from diffusion_jax import checkpoints
+from diffusion_jax import config_lib
+from diffusion_jax import input_pipeline
+from diffusion_jax import models
+from diffusion_jax import reporting
+from diffusion_jax import samplers
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; all leaves are arrays (checkpointed whole).
+
+  step: int32 scalar, steps taken. rng: uint32 (2,) base key, folded with the step.
+  ema_params: one params pytree per config.optim.ema_rates entry, in that order.
+  sampler_state: the timestep sampler's loss history. nonfinite_steps: int32 count
+  of steps whose update was dropped for a NaN/Inf loss or gradient.
+  """
+  step: jax.Array
+  params: Any
+  ema_params: list
+  opt_state: Any
+  rng: jax.Array
+  sampler_state: dict
+  nonfinite_steps: jax.Array
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def make_mesh(config, devices=None) -> Mesh:
+  """A ('data', 'fsdp') mesh over `devices` (default: every device of every host)."""
+  devices = np.array(jax.devices() if devices is None else devices)
+  return Mesh(devices.reshape(-1, config.train.fsdp), ("data", "fsdp"))
+
+
+def state_sharding(mesh: Mesh, state) -> Any:
+  """Replicated state (every leaf P()); the hook for FSDP parameter rules."""
+  return jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()), state)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def init_state(config, model, tx, timestep_sampler, key) -> TrainState:
+  params = models.init_params(model, key)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      ema_params=[params for _ in config.optim.ema_rates],
+      opt_state=tx.init(params),
+      rng=jax.random.key_data(jax.random.PRNGKey(config.train.seed)),
+      sampler_state=timestep_sampler.init(),
+      nonfinite_steps=jnp.zeros((), jnp.int32))
+
+
+def create_train_state(config, model, tx, timestep_sampler, mesh):
+  """A new TrainState created directly with its sharding (no host copy)."""
+  key = jax.random.PRNGKey(config.train.seed)
+  init = lambda k: init_state(config, model, tx, timestep_sampler, k)
+  abstract = jax.eval_shape(init, key)
+  shardings = state_sharding(mesh, abstract)
+  return jax.jit(init, out_shardings=shardings)(key), shardings
+
+
+def _quarter_stats(t, per_example_loss, num_timesteps):
+  """Sums and counts of the loss in each quarter of [0, T): (4,), (4,)."""
+  q = jnp.clip(t * 4 // num_timesteps, 0, 3)
+  onehot = jax.nn.one_hot(q, 4, dtype=jnp.float32)
+  return onehot.T @ per_example_loss, onehot.sum(0)
+
+
+def make_train_step(config, model, diffusion, tx, timestep_sampler):
+  """The pure step (state, batch) -> (state, metrics); jit it with the state donated.
+
+  batch: dict of image float32 (B, H, W, C) in [−1, 1] and label int32 (B,), global.
+  The step's randomness (t, noise, dropout) comes from fold_in(state.rng, step).
+  """
+  rates = tuple(float(r) for r in config.optim.ema_rates)
+  accum = config.optim.grad_accum_steps
+  class_cond = config.model.class_cond
+  schedule = config_lib.learning_rate_schedule(config)
+
+  def loss_fn(params, images, labels, t, weights, noise, dropout_key):
+    def model_fn(x, tt):
+      return model.apply({"params": params}, x, tt, labels if class_cond else None,
+                         train=True, rngs={"dropout": dropout_key})
+    terms = diffusion.training_losses(model_fn, images, t, noise)
+    loss = jnp.mean(terms["loss"] * weights)
+    return loss, terms
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step_fn(state: TrainState, batch):
+    images, labels = batch["image"], batch["label"]
+    bsz = images.shape[0]
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    k_t, k_noise, k_drop = jax.random.split(key, 3)
+    t, weights = timestep_sampler.sample(state.sampler_state, k_t, bsz)
+    noise = jax.random.normal(k_noise, images.shape, images.dtype)
+
+    if accum == 1:
+      (loss, terms), grads = grad_fn(state.params, images, labels, t, weights, noise, k_drop)
+    else:
+      micro = lambda a: a.reshape((accum, bsz // accum) + a.shape[1:])
+      xs = tuple(micro(a) for a in (images, labels, t, weights, noise))
+
+      def body(carry, inp):
+        g_sum, l_sum = carry
+        i, (im, lb, tt, w, nz) = inp
+        (l, tr), g = grad_fn(state.params, im, lb, tt, w, nz, jax.random.fold_in(k_drop, i))
+        return (jax.tree_util.tree_map(jnp.add, g_sum, g), l_sum + l), tr
+
+      zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+      (grads, loss), terms = jax.lax.scan(body, (zeros, 0.0), (jnp.arange(accum), xs))
+      grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
+      loss = loss / accum
+      terms = jax.tree_util.tree_map(lambda a: a.reshape((bsz,) + a.shape[2:]), terms)
+
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(optax.tree.norm(updates)))
+    params = optax.apply_updates(state.params, updates)
+    ema = [jax.tree_util.tree_map(lambda e, p, r=r: r * e + (1 - r) * p, e_params, params)
+           for r, e_params in zip(rates, state.ema_params)]
+    sampler_state = timestep_sampler.update(state.sampler_state, t,
+                                            jax.lax.stop_gradient(terms["loss"]))
+    new = state.replace(step=state.step + 1, params=params, ema_params=ema,
+                        opt_state=opt_state, sampler_state=sampler_state)
+    # A non-finite step is dropped under both NaN policies; "halt" then stops on the
+    # host at the next log boundary, before any checkpoint could store it.
+    kept = state.replace(step=state.step + 1, nonfinite_steps=state.nonfinite_steps + 1)
+    new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, kept)
+
+    q_sum, q_count = _quarter_stats(t, terms["loss"], diffusion.num_timesteps)
+    metrics = {"loss": loss, "mse": jnp.mean(terms["mse"]), "grad_norm": grad_norm,
+               "lr": schedule(state.step), "finite": finite.astype(jnp.float32),
+               "quarter_loss_sum": q_sum, "quarter_count": q_count}
+    if "vb" in terms:
+      metrics["vb"] = jnp.mean(terms["vb"])
+    return new, metrics
+
+  return step_fn
+
+
+def _summarise(metric_list: list[dict]) -> dict[str, float]:
+  """Averages of a log interval's step metrics (one host transfer)."""
+  host = jax.device_get(metric_list)
+  out = {}
+  for k in host[0]:
+    if k in ("quarter_loss_sum", "quarter_count"):
+      continue
+    out[k] = float(np.mean([m[k] for m in host]))
+  sums = np.sum([m["quarter_loss_sum"] for m in host], axis=0)
+  counts = np.sum([m["quarter_count"] for m in host], axis=0)
+  for q in range(4):
+    if counts[q]:
+      out[f"loss_q{q}"] = float(sums[q] / counts[q])
+  return out
+
+
+class _PreemptionFlag:
+  """Turns SIGTERM into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def __enter__(self):
+    if jax.process_count() == 1 and _is_main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _is_main_thread() -> bool:
+  import threading  # pylint: disable=import-outside-toplevel
+  return threading.current_thread() is threading.main_thread()
+
+
+def _check_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_probe_{jax.process_index()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f"The workdir {workdir} is not writable ({e.strerror}); choose a "
+                          "writable --workdir.") from None
+
+
+def sample_images(config, model, diffusion, params, num: int, key) -> np.ndarray:
+  """`num` samples from `params` with config.sample's sampler, as uint8 NHWC."""
+  labels = jnp.arange(num) % config.model.num_classes if config.model.class_cond else None
+  shape = (num, config.model.image_size, config.model.image_size, config.model.in_channels)
+
+  @jax.jit
+  def run(p, k):
+    model_fn = lambda x, t: model.apply({"params": p}, x, t, labels)
+    x = samplers.sample(diffusion, model_fn, shape, k, sampler=config.sample.sampler,
+                        steps=config.sample.steps, clip_denoised=config.sample.clip_denoised,
+                        eta=config.sample.eta)
+    return jnp.clip(jnp.round((x + 1) * 127.5), 0, 255).astype(jnp.uint8)
+
+  return np.asarray(run(params, key))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains (or resumes) to config.train.num_steps; returns the final state.
+
+  Writes into `workdir`: checkpoints/ (Orbax), metrics.jsonl, TensorBoard events,
+  samples_<step>.png grids, samples.png and loss_curve.png at the end.
+  """
+  config_lib.validate_config(config)
+  _check_workdir(workdir)
+  model = config_lib.build_model(config)
+  diffusion = config_lib.build_diffusion(config)
+  tx = config_lib.build_optimizer(config)
+  timestep_sampler = config_lib.build_timestep_sampler(config)
+  mesh = make_mesh(config)
+  data_iter = input_pipeline.create_iterator(config.data, config.data.seed)
+
+  manager = checkpoints.create_manager(workdir, config)
+  state, shardings = create_train_state(config, model, tx, timestep_sampler, mesh)
+  restored = checkpoints.restore_latest(manager, state, shardings, config)
+  if restored is not None:
+    state, iter_state = restored
+    data_iter.set_state(iter_state)
+    logging.info("Resumed from step %d in %s", int(state.step), workdir)
+
+  step_fn = jax.jit(make_train_step(config, model, diffusion, tx, timestep_sampler),
+                    in_shardings=(shardings, batch_sharding(mesh)),
+                    out_shardings=(shardings, None), donate_argnums=0)
+  writer = reporting.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  sharding = batch_sharding(mesh)
+
+  def next_batch():
+    """The next global batch, and the iterator state that yields it again on resume."""
+    iter_state = data_iter.get_state()
+    local = next(data_iter)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in local.items()}, iter_state
+
+  step = int(state.step)
+  num_steps = config.train.num_steps
+  sample_key = jax.random.PRNGKey(config.sample.seed)
+  pending: list[dict] = []
+  last_log_time, last_log_step = time.time(), step
+  bar = tqdm(total=num_steps, initial=step, disable=jax.process_index() != 0,
+             desc="train", unit="step", dynamic_ncols=True)
+  with _PreemptionFlag() as preempted:
+    batch, batch_iter_state = next_batch() if step < num_steps else (None, None)
+    if batch is not None:
+      t0 = time.time()
+      step_fn = step_fn.lower(state, batch).compile()
+      writer.write_scalars(step, {"compile_s": time.time() - t0})
+      last_log_time = time.time()
+    while step < num_steps:
+      state, metrics = step_fn(state, batch)
+      step += 1
+      pending.append(metrics)
+      bar.update(1)
+      if step < num_steps:  # fetched while the step runs
+        batch, batch_iter_state = next_batch()
+      else:
+        batch_iter_state = data_iter.get_state()
+      at_log = step % config.train.log_every == 0 or step == num_steps
+      at_ckpt = step % config.train.checkpoint_every == 0 or step == num_steps
+      if at_log:
+        summary = _summarise(pending)
+        pending = []
+        summary["images_per_s"] = (step - last_log_step) * config.data.batch_size / max(
+            time.time() - last_log_time, 1e-9)
+        last_log_time, last_log_step = time.time(), step
+        writer.write_scalars(step, summary)
+        bar.set_postfix(loss=f"{summary['loss']:.4f}", img_s=f"{summary['images_per_s']:.1f}")
+      if (at_log or at_ckpt or preempted.raised) and config.train.nan_policy == "halt" and int(
+          state.nonfinite_steps):
+        raise NonFiniteLossError(
+            f"Non-finite loss or gradient before step {step}; the last good checkpoint "
+            f"(step {manager.latest_step()}) is kept. Lower optim.lr, set optim.grad_clip, "
+            "or use train.nan_policy=skip.")
+      if at_ckpt or preempted.raised:
+        checkpoints.save(manager, step, state, batch_iter_state, config)
+      if config.train.sample_every and step % config.train.sample_every == 0:
+        writer.write_image_grid(step, sample_images(
+            config, model, diffusion, state.ema_params[0], config.sample.num_samples,
+            jax.random.fold_in(sample_key, step)))
+      if preempted.raised:
+        logging.warning("SIGTERM: saved step %d; exiting.", step)
+        break
+  bar.close()
+  manager.wait_until_finished()
+  if step >= num_steps and jax.process_index() == 0:
+    grid = sample_images(config, model, diffusion, state.ema_params[0],
+                         config.sample.num_samples, jax.random.fold_in(sample_key, step))
+    writer.write_image_grid(step, grid, final=True)
+    reporting.plot_loss_curve(workdir)
+  writer.close()
+  manager.close()
+  return state
+
+
+def load_checkpoint(workdir: str, step: int | None = None) -> TrainState:
+  """The saved TrainState of `workdir` (latest, or `step`), as host-local arrays.
+
+  Rebuilds the state's structure from the config stored with the checkpoint, so no
+  config is needed. Raises FileNotFoundError when there is no checkpoint.
+  """
+  config = checkpoints.saved_config(workdir, step)
+  model = config_lib.build_model(config)
+  tx = config_lib.build_optimizer(config)
+  timestep_sampler = config_lib.build_timestep_sampler(config)
+  abstract = jax.eval_shape(
+      lambda k: init_state(config, model, tx, timestep_sampler, k), jax.random.PRNGKey(0))
+  return checkpoints.restore_state(workdir, abstract, step)

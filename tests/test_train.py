@@ -1,0 +1,274 @@
+"""The training path: the step, data parallelism, checkpoints, resume, bad input."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax import checkpoints, config_lib, input_pipeline, train
+from tests import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(devices=1):
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return env
+
+
+def _build(config):
+  model = config_lib.build_model(config)
+  diffusion = config_lib.build_diffusion(config)
+  tx = config_lib.build_optimizer(config)
+  sampler = config_lib.build_timestep_sampler(config)
+  return model, diffusion, tx, sampler
+
+
+def _fixed_batch(config, seed=0):
+  it = input_pipeline.create_iterator(config.data, seed)
+  return {k: jnp.asarray(v) for k, v in next(it).items()}
+
+
+def _assert_trees_equal(a, b):
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_one_step_lowers_the_loss_on_a_fixed_batch():
+  config = tiny_config.get_config()
+  config.diffusion.var_type = "fixed_small"
+  config.model.learn_sigma = False
+  model, diffusion, tx, sampler = _build(config)
+  mesh = train.make_mesh(config)
+  state, _ = train.create_train_state(config, model, tx, sampler, mesh)
+  batch = _fixed_batch(config)
+  t = jnp.array([50, 200, 400, 600, 800, 950, 100, 700])
+  noise = jax.random.normal(jax.random.PRNGKey(3), batch["image"].shape)
+
+  @jax.jit
+  def eval_loss(params):
+    fn = lambda x, tt: model.apply({"params": params}, x, tt)
+    return jnp.mean(diffusion.training_losses(fn, batch["image"], t, noise)["loss"])
+
+  before = float(eval_loss(state.params))
+  step = jax.jit(train.make_train_step(config, model, diffusion, tx, sampler))
+  for _ in range(3):
+    state, metrics = step(state, batch)
+  assert int(state.step) == 3 and np.isfinite(float(metrics["loss"]))
+  assert float(eval_loss(state.params)) < before
+
+
+def test_weighting_reaches_the_loss():
+  """constant and debias give different gradients; the logged loss is the formula."""
+  base = tiny_config.get_config()
+  base.diffusion.update(var_type="fixed_small", loss_type="mse")
+  base.model.learn_sigma = False
+  batch = _fixed_batch(base)
+  grads, logged = {}, {}
+  for name in ("constant", "debias"):
+    config = tiny_config.get_config()
+    config.diffusion.update(var_type="fixed_small", loss_type="mse", weighting=name)
+    config.model.learn_sigma = False
+    model, diffusion, tx, sampler = _build(config)
+    state, _ = train.create_train_state(config, model, tx, sampler, train.make_mesh(config))
+    params0 = state.params
+    new_state, metrics = jax.jit(train.make_train_step(config, model, diffusion, tx,
+                                                       sampler))(state, batch)
+    grads[name] = jax.tree_util.tree_map(lambda a, b: a - b, new_state.params, params0)
+    logged[name] = float(metrics["loss"])
+    # Recompute the step's loss from its definition: the same t and noise from the key.
+    key = jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 0)
+    k_t, k_noise, _ = jax.random.split(key, 3)
+    t = np.asarray(jax.random.randint(k_t, (8,), 0, 1000, dtype=jnp.int32))
+    noise = jax.random.normal(k_noise, batch["image"].shape)
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    x_t = (np.sqrt(abar[t])[:, None, None, None] * np.asarray(batch["image"])
+           + np.sqrt(1 - abar[t])[:, None, None, None] * np.asarray(noise))
+    eps = np.asarray(model.apply({"params": params0}, jnp.asarray(x_t, jnp.float32),
+                                 jnp.asarray(t)))
+    mse = ((eps - np.asarray(noise)) ** 2).mean(axis=(1, 2, 3))
+    w = np.ones(8) if name == "constant" else np.sqrt((1 - abar[t]) / abar[t])
+    assert logged[name] == pytest.approx(float(np.mean(w * mse)), rel=1e-4)
+  diff = jax.flatten_util.ravel_pytree(jax.tree_util.tree_map(
+      lambda a, b: a - b, grads["constant"], grads["debias"]))[0]
+  assert float(jnp.max(jnp.abs(diff))) > 0
+
+
+def test_save_restore_is_exact(tmp_path):
+  config = tiny_config.get_config()
+  state = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == config.train.num_steps
+  _assert_trees_equal(train.load_checkpoint(str(tmp_path)), jax.device_get(state))
+  for name in ("samples.png", "loss_curve.png", "metrics.jsonl"):
+    assert (tmp_path / name).exists()
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  logged = [r for r in rows if "loss" in r]
+  assert [r["step"] for r in logged] == [2, 4, 6]
+  for key in ("mse", "vb", "grad_norm", "lr", "images_per_s", "loss_q0"):
+    assert key in logged[-1]
+
+
+def test_resume_continues_and_refuses_a_different_model(tmp_path):
+  config = tiny_config.get_config()
+  config.train.num_steps = 3
+  train.train_and_evaluate(config, str(tmp_path))
+  saved = sorted(os.listdir(tmp_path / "checkpoints"))
+  other = tiny_config.get_config()
+  other.model.num_channels = 64
+  with pytest.raises(checkpoints.CheckpointConfigError, match="model.num_channels: "
+                     "checkpoint 32, config 64"):
+    train.train_and_evaluate(other, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == saved
+  config.train.num_steps = 6
+  state = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 6
+
+
+def test_bad_input_gives_one_clear_error(tmp_path, monkeypatch):
+  config = tiny_config.get_config()
+  with pytest.raises(ValueError, match="choose one of .*'debias'"):
+    c = tiny_config.get_config()
+    c.diffusion.weighting = "debiased"
+    config_lib.validate_config(c)
+  with pytest.raises(ValueError, match=r"Unknown config field\(s\) \['train.num_stepz'\]"):
+    c = tiny_config.get_config()
+    c.train.num_stepz = 3
+    config_lib.validate_config(c)
+  with pytest.raises(ValueError, match="does not divide across 3 devices"):
+    config_lib.validate_config(config, num_devices=3)
+  with pytest.raises(ValueError, match="image_size=28 is not divisible by 8"):
+    c = tiny_config.get_config()
+    c.model.update(image_size=28, channel_mult="1,2,2,2")
+    c.data.image_size = 28
+    config_lib.validate_config(c)
+  with pytest.raises(ValueError, match="learn_sigma"):
+    c = tiny_config.get_config()
+    c.diffusion.var_type = "fixed_small"
+    config_lib.validate_config(c)
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(PermissionError, match="not writable"):
+    train.train_and_evaluate(config, str(blocker / "workdir"))
+  monkeypatch.setattr(input_pipeline, "FASHION_MNIST_DIRS", (str(tmp_path / "none"),))
+  c = tiny_config.get_config()
+  c.data.update(dataset="fashion_mnist", data_dir=str(tmp_path / "no_tfds"))
+  with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+    train.train_and_evaluate(c, str(tmp_path / "wd"))
+
+
+def test_nan_guard(tmp_path):
+  config = tiny_config.get_config()
+  config.optim.lr = float("nan")
+  config.train.update(num_steps=4, checkpoint_every=2, log_every=1)
+  with pytest.raises(train.NonFiniteLossError, match="Non-finite"):
+    train.train_and_evaluate(config, str(tmp_path / "halt"))
+  config.train.nan_policy = "skip"
+  state = train.train_and_evaluate(config, str(tmp_path / "skip"))
+  assert int(state.step) == 4 and int(state.nonfinite_steps) == 4
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
+
+
+# ---------- multi-device and process-level behaviour (subprocesses) ----------
+
+def test_eight_devices_equal_one_device():
+  script = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from diffusion_jax import config_lib, input_pipeline, train
+    from tests import tiny_config
+    config = tiny_config.get_config()
+    # Adam's first steps are ±lr wherever |g| >> eps, so reduction-order noise in a
+    # near-zero gradient moves a parameter by up to lr. A larger eps keeps Adam
+    # proportional to g there, and the comparison meaningful.
+    config.optim.eps = 1e-3
+    model = config_lib.build_model(config)
+    diffusion = config_lib.build_diffusion(config)
+    tx = config_lib.build_optimizer(config)
+    sampler = config_lib.build_timestep_sampler(config)
+    it = input_pipeline.create_iterator(config.data, 0)
+    batches = [next(it) for _ in range(2)]
+    out = []
+    for devices in (jax.devices()[:1], jax.devices()):
+      mesh = train.make_mesh(config, devices)
+      state, sh = train.create_train_state(config, model, tx, sampler, mesh)
+      bs = train.batch_sharding(mesh)
+      step = jax.jit(train.make_train_step(config, model, diffusion, tx, sampler),
+                     in_shardings=(sh, bs), out_shardings=(sh, None))
+      logged = []
+      for b in batches:
+        b = {k: jax.device_put(v, bs) for k, v in b.items()}
+        state, m = step(state, b)
+        logged.append((float(m["loss"]), float(m["grad_norm"])))
+      out.append((jax.device_get(state.params), logged))
+    assert len(jax.devices()) == 8
+    np.testing.assert_allclose(out[0][1], out[1][1], rtol=1e-5)
+    a, b = (jax.flatten_util.ravel_pytree(p)[0] for p, _ in out)
+    p0 = jax.flatten_util.ravel_pytree(
+        train.create_train_state(config, model, tx, sampler, mesh)[0].params)[0]
+    err = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a - p0)))
+    print("max parameter difference relative to the largest update", err)
+    assert err < 1e-4, err
+  """)
+  r = subprocess.run([sys.executable, "-c", "import jax.flatten_util\n" + script],
+                     env=_env(8), cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _cli(workdir, *overrides):
+  return [sys.executable, "-m", "diffusion_jax.main", "--config=tests/tiny_config.py",
+          f"--workdir={workdir}", "--mode=train", *overrides]
+
+
+def test_sigkill_then_rerun_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+  args = ["--config.train.num_steps=12", "--config.train.checkpoint_every=4"]
+  ref = subprocess.run(_cli(tmp_path / "ref", *args), env=_env(), cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  proc = subprocess.Popen(_cli(tmp_path / "killed", *args), env=_env(), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt = tmp_path / "killed" / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (ckpt.exists() and any(
+      p.name.isdigit() for p in ckpt.iterdir())):
+    time.sleep(0.05)
+  time.sleep(random.uniform(0.0, 0.5))
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  saved = [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()]
+  assert max(saved) < 12, f"the run finished before it was killed: {saved}"
+  rerun = subprocess.run(_cli(tmp_path / "killed", *args), env=_env(), cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  a = train.load_checkpoint(str(tmp_path / "ref"))
+  b = train.load_checkpoint(str(tmp_path / "killed"))
+  assert int(a.step) == int(b.step) == 12
+  _assert_trees_equal(a, b)
+
+
+def test_sigterm_saves_the_current_step(tmp_path):
+  args = ["--config.train.num_steps=100000", "--config.train.checkpoint_every=100000",
+          "--config.train.log_every=1"]
+  proc = subprocess.Popen(_cli(tmp_path, *args), env=_env(), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (metrics.exists() and "loss" in metrics.read_text()):
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                 if p.name.isdigit())
+  assert len(steps) == 1 and steps[0] >= 1
+  last_logged = max(json.loads(l)["step"] for l in metrics.read_text().splitlines())
+  assert steps[0] == last_logged
