@@ -15,9 +15,9 @@ def get_config():
   c = default.get_config()
   c.model.update(image_size=32, in_channels=1, num_channels=32, channel_mult="1,2,2",
                  attention_resolutions="8", num_head_channels=32)
-  c.data.update(dataset="fashion_mnist", image_size=32, batch_size=32, random_flip=True)
+  c.data.update(dataset="fashion_mnist", image_size=32, batch_size=16, random_flip=True)
   c.diffusion.weighting = "debias"
-  c.optim.update(lr=5e-4, warmup_steps=100, grad_clip=1.0, ema_rates=(0.999,))
-  c.train.update(num_steps=3000, log_every=50, checkpoint_every=500, sample_every=1000)
+  c.optim.update(lr=1e-3, warmup_steps=100, grad_clip=1.0, ema_rates=(0.995,))
+  c.train.update(num_steps=1600, log_every=50, checkpoint_every=400, sample_every=800)
   c.sample.update(sampler="ddim", steps=50, num_samples=64, batch_size=64)
   return c

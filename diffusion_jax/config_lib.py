@@ -12,6 +12,7 @@ import ml_collections
 import optax
 
 from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import input_pipeline
 from diffusion_jax import models
 from diffusion_jax import resample
 from diffusion_jax import weighting as weighting_lib
@@ -63,6 +64,7 @@ def validate_config(config, num_devices: int | None = None) -> None:
     raise ValueError(f"model.learn_sigma={config.model.learn_sigma} conflicts with "
                      f"diffusion.var_type={d.var_type!r}: a learned variance needs "
                      "learn_sigma=True, a fixed one learn_sigma=False.")
+  input_pipeline.check_dataset_name(config.data.dataset)
   if config.model.image_size != config.data.image_size:
     raise ValueError(f"model.image_size={config.model.image_size} differs from "
                      f"data.image_size={config.data.image_size}; set them equal.")

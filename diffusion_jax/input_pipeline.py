@@ -10,6 +10,11 @@ Built-in offline datasets:
                  else TFDS's `fashion_mnist` prepared in `data.data_dir`; 28×28 grey,
                  zero-padded to 32×32.
   digits         scikit-learn's 8×8 digits (1,797 images), upscaled ×4 (nearest).
+Other sources:
+  folder         a folder prepared once by `--mode=prepare` (see `image_folder`).
+  tfds:NAME      any TFDS dataset prepared in ArrayRecord format under data.data_dir,
+                 read with `tfds.data_source` (no TensorFlow); images are resized and
+                 centre-cropped like guided-diffusion.
 """
 from __future__ import annotations
 
@@ -20,9 +25,12 @@ from typing import Iterator, Sequence
 import grain
 import jax
 import numpy as np
+from PIL import Image
+
+from diffusion_jax import image_folder
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
-DATASETS = ("fashion_mnist", "digits")
+DATASETS = ("fashion_mnist", "digits", "folder", "tfds:NAME")
 
 
 class ArraySource(Sequence):
@@ -100,7 +108,45 @@ def get_source(data_config) -> ArraySource:
     if data_config.image_size != 32:
       raise ValueError("digits are 32×32: set data.image_size=32.")
     return src
+  if name == "folder":
+    return image_folder.PreparedFolderSource(data_config.data_dir, data_config.image_size)
+  if name.startswith("tfds:"):
+    return TfdsSource(name[len("tfds:"):], data_config.split, data_config.data_dir,
+                      data_config.image_size)
   raise ValueError(f"Unknown dataset {name!r}; choose one of {list(DATASETS)}.")
+
+
+def check_dataset_name(name: str) -> None:
+  if name not in DATASETS[:3] and not (name.startswith("tfds:") and len(name) > 5):
+    raise ValueError(f"Unknown data.dataset {name!r}; choose one of {list(DATASETS)}.")
+
+
+class TfdsSource(Sequence):
+  """A TFDS dataset in ArrayRecord format, images centre-cropped to `image_size`."""
+
+  def __init__(self, name: str, split: str, data_dir: str, image_size: int):
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    try:
+      self._source = tfds.data_source(name, split=split, data_dir=data_dir or None,
+                                      download=False)
+    except Exception as e:  # TFDS raises several types for "not prepared"
+      raise FileNotFoundError(
+          f"TFDS dataset {name!r} (split {split!r}) is not prepared in ArrayRecord format under "
+          f"data.data_dir={data_dir!r}. Prepare it on a machine with TFDS once: `tfds build "
+          f"{name} --file_format=array_record --data_dir=DIR`, then pass "
+          f"--config.data.data_dir=DIR. ({type(e).__name__}: {e})") from None
+    self._size = image_size
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, i):
+    record = self._source[i]
+    image = np.asarray(record["image"])
+    if image.shape[:2] != (self._size, self._size):
+      image = image_folder.center_crop_arr(Image.fromarray(image.squeeze()), self._size)
+      image = image.reshape(self._size, self._size, -1)
+    return {"image": image, "label": np.int32(record.get("label", 0))}
 
 
 def _preprocess(record, rng: np.random.Generator, random_flip: bool):

@@ -9,7 +9,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-MODES = ("train", "convert")
+MODES = ("train", "prepare", "convert")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -30,6 +30,17 @@ def main(argv):
   if FLAGS.mode == "train":
     from diffusion_jax import train  # pylint: disable=import-outside-toplevel
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  elif FLAGS.mode == "prepare":
+    from diffusion_jax import image_folder  # pylint: disable=import-outside-toplevel
+    data = FLAGS.config.data
+    if not data.image_dir or not data.data_dir:
+      raise app.UsageError("--mode=prepare needs --config.data.image_dir (the images) and "
+                           "--config.data.data_dir (where the prepared dataset goes).")
+    summary = image_folder.prepare_image_folder(
+        data.image_dir, data.data_dir, data.image_size, skip_bad_files=data.skip_bad_files,
+        class_labels=FLAGS.config.model.class_cond)
+    print(f"Prepared {summary['num_records']} images at {data.image_size}px into "
+          f"{data.data_dir}; skipped {summary['num_skipped']} unreadable file(s).")
   elif FLAGS.mode == "convert":
     if not FLAGS.checkpoint:
       raise app.UsageError("--mode=convert needs --checkpoint=PATH (.pt, .safetensors, .npz).")
