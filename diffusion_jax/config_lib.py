@@ -9,6 +9,7 @@ import json
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 
 from diffusion_jax import diffusion as diffusion_lib
@@ -59,7 +60,7 @@ def validate_config(config, num_devices: int | None = None) -> None:
   diffusion_lib._check_choice("loss type", d.loss_type, diffusion_lib.LOSS_TYPES)  # pylint: disable=protected-access
   resample.TimestepSampler(d.timestep_sampler, d.num_timesteps)
   params = weighting_params(config)
-  weighting_lib.loss_weight(d.weighting, [1.0], target=d.target, **params)
+  weighting_lib.loss_weight(d.weighting, np.array([0.5, 2.0]), target=d.target, **params)
   if config.model.learn_sigma != (d.var_type == "learned_range"):
     raise ValueError(f"model.learn_sigma={config.model.learn_sigma} conflicts with "
                      f"diffusion.var_type={d.var_type!r}: a learned variance needs "

@@ -325,11 +325,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         break
   bar.close()
   manager.wait_until_finished()
-  if step >= num_steps and jax.process_index() == 0:
+  if step >= num_steps:  # every process samples (the params are global arrays)
     grid = sample_images(config, model, diffusion, state.ema_params[0],
                          config.sample.num_samples, jax.random.fold_in(sample_key, step))
     writer.write_image_grid(step, grid, final=True)
-    reporting.plot_loss_curve(workdir)
+    if writer.enabled:
+      reporting.plot_loss_curve(workdir)
   writer.close()
   manager.close()
   return state

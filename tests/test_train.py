@@ -105,6 +105,30 @@ def test_weighting_reaches_the_loss():
   assert float(jnp.max(jnp.abs(diff))) > 0
 
 
+def test_gradient_accumulation_and_bf16():
+  """Two micro-batches give the one-batch update; bf16 compute trains with fp32 params."""
+  results = {}
+  for name, accum, dtype in (("base", 1, "float32"), ("accum", 2, "float32"),
+                             ("bf16", 1, "bfloat16")):
+    config = tiny_config.get_config()
+    config.optim.update(grad_accum_steps=accum, eps=1e-3)
+    config.train.compute_dtype = dtype
+    model, diffusion, tx, sampler = _build(config)
+    state, _ = train.create_train_state(config, model, tx, sampler, train.make_mesh(config))
+    p0 = jax.flatten_util.ravel_pytree(state.params)[0]
+    state, metrics = jax.jit(train.make_train_step(config, model, diffusion, tx, sampler))(
+        state, _fixed_batch(config))
+    flat = jax.flatten_util.ravel_pytree(state.params)[0]
+    assert flat.dtype == jnp.float32
+    results[name] = (float(metrics["loss"]), flat - p0)
+  np.testing.assert_allclose(results["accum"][0], results["base"][0], rtol=1e-5)
+  base_update = results["base"][1]
+  for name, tol in (("accum", 1e-4), ("bf16", 0.1)):
+    rel = float(jnp.linalg.norm(results[name][1] - base_update) / jnp.linalg.norm(base_update))
+    assert rel < tol, (name, rel)
+  assert results["bf16"][0] == pytest.approx(results["base"][0], rel=0.05)
+
+
 def test_save_restore_is_exact(tmp_path):
   config = tiny_config.get_config()
   state = train.train_and_evaluate(config, str(tmp_path))
@@ -229,6 +253,7 @@ def _cli(workdir, *overrides):
           f"--workdir={workdir}", "--mode=train", *overrides]
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
   args = ["--config.train.num_steps=12", "--config.train.checkpoint_every=4"]
   ref = subprocess.run(_cli(tmp_path / "ref", *args), env=_env(), cwd=REPO,
