@@ -1,4 +1,7 @@
-"""Samplers: DDPM ancestral and DDIM, each one compiled loop over respaced steps.
+"""Samplers: DDPM, DDIM, DPM-Solver++ and UniPC, each one compiled loop.
+
+DDPM and DDIM respace the diffusion (guided-diffusion semantics); the solvers live in
+`solvers.py` and call the network at fractional timesteps.
 
 `model_fn(x, t)` receives t on the training scale [0, T) (integers here), and returns
 the network output (C or 2C channels); class labels and guidance are closed over by
@@ -10,16 +13,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import schedules
+from diffusion_jax import solvers
 from diffusion_jax.diffusion import GaussianDiffusion
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim") + solvers.SOLVERS
 
 
 def respacing_for(sampler: str, steps: int, num_timesteps: int) -> str:
   """guided-diffusion's respacing: evenly strided "ddimN" for DDIM when it exists."""
   if sampler == "ddim":
     try:
-      from diffusion_jax import schedules  # pylint: disable=import-outside-toplevel
       schedules.space_timesteps(num_timesteps, f"ddim{steps}")
       return f"ddim{steps}"
     except ValueError:
@@ -52,25 +56,41 @@ def ddim_sample(diffusion: GaussianDiffusion, model_fn, x, t, key, clip_denoised
 
 
 def sample(diffusion: GaussianDiffusion, model_fn, shape, key, sampler: str = "ddim",
-           steps: int = 50, clip_denoised: bool = True, eta: float = 0.0, noise=None):
-  """Samples of `shape` (NHWC) in [−1, 1] (clipped only through x̂0), float32.
+           steps: int = 50, clip_denoised: bool = True, eta: float = 0.0, noise=None,
+           thresholding: bool = False, **solver_kw):
+  """Samples of `shape` (NHWC), float32, from noise drawn with `key` (or `noise`).
 
-  `diffusion` is the training diffusion; it is respaced to `steps` here.
+  Args:
+    diffusion: the training diffusion (T steps); respaced or interpolated here.
+    model_fn: (x, t) -> network output, t on the training scale.
+    sampler: "ddpm", "ddim", "dpm_solver++" or "unipc".
+    steps: network evaluations.
+    clip_denoised: clip x̂0 to [−1, 1] at every step.
+    eta: DDIM's noise scale (0: deterministic).
+    thresholding: dynamic thresholding of x̂0 instead of clipping.
+    **solver_kw: `order`, `skip_type`, `lower_order_final` for the solvers.
   """
   if sampler not in SAMPLERS:
     raise ValueError(f"Unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}.")
   if not 1 <= steps <= diffusion.num_timesteps:
     raise ValueError(f"steps={steps} must be in [1, {diffusion.num_timesteps}].")
-  spaced = diffusion.respace(respacing_for(sampler, steps, diffusion.num_timesteps))
   init_key, loop_key = jax.random.split(key)
   x = jax.random.normal(init_key, shape, jnp.float32) if noise is None else noise
+  if sampler in solvers.SOLVERS:
+    return solvers.solve(diffusion, model_fn, x, sampler, steps, clip_denoised=clip_denoised,
+                         thresholding=thresholding, **solver_kw)
+  if solver_kw:
+    raise ValueError(f"{sorted(solver_kw)} apply to the solvers, not to {sampler}.")
+  spaced = diffusion.respace(respacing_for(sampler, steps, diffusion.num_timesteps))
+  denoised_fn = solvers.dynamic_threshold if thresholding else None
+  clip = clip_denoised and not thresholding
   n = spaced.num_timesteps
 
   def body(i, x):
     t = jnp.full((shape[0],), n - 1 - i, jnp.int32)
     k = jax.random.fold_in(loop_key, i)
     if sampler == "ddpm":
-      return p_sample(spaced, model_fn, x, t, k, clip_denoised)["sample"]
-    return ddim_sample(spaced, model_fn, x, t, k, clip_denoised, eta=eta)["sample"]
+      return p_sample(spaced, model_fn, x, t, k, clip, denoised_fn)["sample"]
+    return ddim_sample(spaced, model_fn, x, t, k, clip, denoised_fn, eta=eta)["sample"]
 
   return jax.lax.fori_loop(0, n, body, x)
