@@ -9,7 +9,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-MODES = ("train", "prepare", "convert")
+MODES = ("train", "sample", "prepare", "convert")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -30,6 +30,10 @@ def main(argv):
   if FLAGS.mode == "train":
     from diffusion_jax import train  # pylint: disable=import-outside-toplevel
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  elif FLAGS.mode == "sample":
+    from diffusion_jax import train  # pylint: disable=import-outside-toplevel
+    out = train.sample_from_workdir(FLAGS.config, FLAGS.workdir)
+    print(f"Wrote {len(out['images'])} samples to {out['dir']}")
   elif FLAGS.mode == "prepare":
     from diffusion_jax import image_folder  # pylint: disable=import-outside-toplevel
     data = FLAGS.config.data

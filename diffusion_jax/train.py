@@ -8,6 +8,7 @@ one CPU, a GPU box or a TPU pod slice.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -349,3 +350,33 @@ def load_checkpoint(workdir: str, step: int | None = None) -> TrainState:
   abstract = jax.eval_shape(
       lambda k: init_state(config, model, tx, timestep_sampler, k), jax.random.PRNGKey(0))
   return checkpoints.restore_state(workdir, abstract, step)
+
+
+def sample_from_workdir(config, workdir: str) -> dict:
+  """--mode=sample: config.sample's sampler on the latest checkpoint's EMA params.
+
+  Uses the EMA whose rate is config.sample.ema_rate (-1: the first). Writes into
+  WORKDIR/samples/<sampler>_<steps>/ (see `samplers.generate`).
+  """
+  saved = checkpoints.saved_config(workdir)
+  mismatch = config_lib.model_mismatches(json.loads(config_lib.to_json(saved)), config)
+  if mismatch:
+    raise checkpoints.CheckpointConfigError(
+        f"The checkpoint in {workdir} was trained with a different configuration:\n  "
+        + "\n  ".join(mismatch))
+  state = load_checkpoint(workdir)
+  rates = list(saved.optim.ema_rates)
+  rate = config.sample.ema_rate
+  if rate != -1 and rate not in rates:
+    raise ValueError(f"sample.ema_rate={rate} is not among the checkpoint's EMA rates {rates}.")
+  params = state.ema_params[0 if rate == -1 else rates.index(rate)]
+  s = config.sample
+  out_dir = os.path.join(workdir, "samples", f"{s.sampler}_{s.steps}")
+  m = config.model
+  result = samplers.generate(
+      config_lib.build_model(config), config_lib.build_diffusion(config), params, s, out_dir,
+      class_cond=m.class_cond, num_classes=m.num_classes,
+      image_shape=(m.image_size, m.image_size, m.in_channels),
+      write=jax.process_index() == 0)
+  result["dir"] = out_dir
+  return result

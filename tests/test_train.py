@@ -141,6 +141,15 @@ def test_save_restore_is_exact(tmp_path):
   assert [r["step"] for r in logged] == [2, 4, 6]
   for key in ("mse", "vb", "grad_norm", "lr", "images_per_s", "loss_q0"):
     assert key in logged[-1]
+  # --mode=sample on the workdir: evaluator-ready npz, grid, individual PNGs.
+  config.sample.update(num_samples=5, batch_size=2, save_individual=True, sampler="unipc")
+  out = train.sample_from_workdir(config, str(tmp_path))
+  with np.load(tmp_path / "samples" / "unipc_3" / "samples.npz") as z:
+    assert z["arr_0"].dtype == np.uint8 and z["arr_0"].shape == (5, 32, 32, 1)
+    np.testing.assert_array_equal(z["arr_0"], out["images"])
+  assert len(list((tmp_path / "samples" / "unipc_3" / "images").iterdir())) == 5
+  again = train.sample_from_workdir(config, str(tmp_path))
+  np.testing.assert_array_equal(again["images"], out["images"])
 
 
 def test_resume_continues_and_refuses_a_different_model(tmp_path):
