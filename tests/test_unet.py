@@ -338,3 +338,39 @@ def test_remat_gives_the_same_gradients():
   g2 = jax.jit(jax.grad(loss(model_ckpt)))(params)
   flat1, flat2 = (jax.flatten_util.ravel_pytree(g)[0] for g in (g1, g2))
   assert float(jnp.linalg.norm(flat1 - flat2) / jnp.linalg.norm(flat2)) < 1e-5
+
+
+def test_convert_cli_writes_a_loadable_checkpoint_and_never_overwrites(tmp_path):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import config_lib, train  # pylint: disable=import-outside-toplevel
+  from tests import tiny_config  # pylint: disable=import-outside-toplevel
+  config = tiny_config.get_config()
+  model = config_lib.build_model(config)
+  params = _randomise(init_params(model, jax.random.PRNGKey(8)))
+  convert.write_safetensors(convert.flax_to_torch(params, model),
+                            str(tmp_path / "ema_0.9999_123.safetensors"))
+  cmd = [sys.executable, "-m", "diffusion_jax.main", "--mode=convert",
+         f"--checkpoint={tmp_path / 'ema_0.9999_123.safetensors'}",
+         "--config=tests/tiny_config.py", f"--workdir={tmp_path / 'wd'}"]
+  r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  state = train.load_checkpoint(str(tmp_path / "wd"))
+  assert int(state.step) == 123
+  jax.tree_util.tree_map(np.testing.assert_array_equal, state.ema_params[0],
+                         jax.device_get(params))
+  r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  assert r.returncode != 0 and "already holds checkpoints" in r.stderr
+
+
+def test_pt_files_without_torch_name_the_fix(tmp_path, monkeypatch):
+  import builtins  # pylint: disable=import-outside-toplevel
+  real_import = builtins.__import__
+  def no_torch(name, *a, **k):
+    if name == "torch":
+      raise ImportError("no torch")
+    return real_import(name, *a, **k)
+  monkeypatch.setattr(builtins, "__import__", no_torch)
+  (tmp_path / "m.pt").write_bytes(b"PK")
+  with pytest.raises(ImportError, match=r"diffusion_jax\[torch\]"):
+    convert.read_state_dict(str(tmp_path / "m.pt"))
