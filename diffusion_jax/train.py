@@ -317,7 +317,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             "or use train.nan_policy=skip.")
       if at_ckpt or preempted.raised:
         checkpoints.save(manager, step, state, batch_iter_state, config)
-      if config.train.sample_every and step % config.train.sample_every == 0:
+      if (config.train.sample_every and step % config.train.sample_every == 0
+          and step < num_steps):  # the final grid is drawn after the loop
         writer.write_image_grid(step, sample_images(
             config, model, diffusion, state.ema_params[0], config.sample.num_samples,
             jax.random.fold_in(sample_key, step)))
