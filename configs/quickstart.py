@@ -1,4 +1,4 @@
-"""Quickstart: the paper's debias weighting on Fashion-MNIST, about 10 minutes on 2 CPU cores.
+"""Quickstart: the paper's debias weighting on Fashion-MNIST, about 12 minutes on 2 CPU cores.
 
   python -m diffusion_jax.main --config=configs/quickstart.py --workdir=workdirs/quickstart
 

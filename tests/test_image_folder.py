@@ -81,3 +81,17 @@ def test_prepare_mode_from_the_command_line(tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   assert "Prepared 6 images at 32px" in r.stdout
   assert (out / "dataset.json").exists()
+
+
+def test_unprepared_tfds_dataset_says_how_to_prepare_it(tmp_path):
+  config = tiny_config.get_config()
+  config.data.update(dataset="tfds:cifar10", data_dir=str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="tfds build cifar10 --file_format=array_record"):
+    input_pipeline.get_source(config.data)
+
+
+def test_unknown_dataset_name():
+  config = tiny_config.get_config()
+  config.data.dataset = "mnist"
+  with pytest.raises(ValueError, match="choose one of .*'tfds:NAME'"):
+    input_pipeline.check_dataset_name(config.data.dataset)

@@ -1,0 +1,145 @@
+"""Benchmark: compile time, train-step and sampler-step throughput, memory, MFU.
+
+  python -m diffusion_jax.bench --config=configs/bench_cpu_small.py --json=bench.json
+
+Times the compiled train step (forward, backward, AdamW, EMA) on a synthetic batch of
+config.data.batch_size, and one DDIM sampler step on the same batch, each as the
+median of --runs calls after --warmup calls. FLOPs come from XLA's cost analysis;
+MFU is reported where the device's peak is known (GPUs and TPUs).
+"""
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from diffusion_jax import config_lib
+from diffusion_jax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config to benchmark.", lock_config=True)
+flags.DEFINE_string("json", None, "Write the results here as JSON.")
+flags.DEFINE_integer("runs", 10, "Timed calls per measurement (the median is reported).")
+flags.DEFINE_integer("warmup", 2, "Untimed calls before timing.")
+
+# Dense peak TFLOP/s per chip by compute dtype (vendor figures, no sparsity).
+PEAK_TFLOPS = {
+    "H100": {"float32": 67.0, "bfloat16": 989.0},
+    "H200": {"float32": 67.0, "bfloat16": 989.0},
+    "A100": {"float32": 19.5, "bfloat16": 312.0},
+    "TPU v4": {"float32": 275.0, "bfloat16": 275.0},
+    "TPU v5": {"float32": 197.0, "bfloat16": 197.0},
+}
+
+
+def _median_seconds(fn, runs: int, warmup: int) -> float:
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def _peak(dtype: str):
+  kind = jax.devices()[0].device_kind
+  for name, peaks in PEAK_TFLOPS.items():
+    if name.lower() in kind.lower():
+      return peaks[dtype]
+  return None
+
+
+def benchmark(config, runs: int = 10, warmup: int = 2) -> dict:
+  """The benchmark's numbers for `config` (see the module docstring)."""
+  config_lib.validate_config(config)
+  model = config_lib.build_model(config)
+  diffusion = config_lib.build_diffusion(config)
+  tx = config_lib.build_optimizer(config)
+  sampler = config_lib.build_timestep_sampler(config)
+  mesh = train.make_mesh(config)
+  state, shardings = train.create_train_state(config, model, tx, sampler, mesh)
+  m, bsz = config.model, config.data.batch_size
+  rng = np.random.default_rng(0)
+  batch_sharding = train.batch_sharding(mesh)
+  batch = {"image": jax.device_put(rng.uniform(-1, 1, (bsz, m.image_size, m.image_size,
+                                                       m.in_channels)).astype(np.float32),
+                                   batch_sharding),
+           "label": jax.device_put(np.zeros((bsz,), np.int32), batch_sharding)}
+  step = jax.jit(train.make_train_step(config, model, diffusion, tx, sampler),
+                 in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                 donate_argnums=0)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  holder = {"state": state}
+
+  def train_call():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    return metrics["loss"]
+
+  train_s = _median_seconds(train_call, runs, warmup)
+
+  spaced = diffusion.respace(f"ddim{min(50, diffusion.num_timesteps)}")
+  labels = batch["label"] if m.class_cond else None
+
+  @jax.jit
+  def sample_step(params, x):
+    from diffusion_jax import samplers  # pylint: disable=import-outside-toplevel
+    fn = lambda xx, tt: model.apply({"params": params}, xx, tt, labels)
+    t = jnp.full((x.shape[0],), spaced.num_timesteps // 2, jnp.int32)
+    return samplers.ddim_sample(spaced, fn, x, t, jax.random.PRNGKey(0))["sample"]
+
+  x = batch["image"]
+  params = holder["state"].ema_params[0]
+  sample_s = _median_seconds(lambda: sample_step(params, x), runs, warmup)
+
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  device = jax.devices()[0]
+  stats = device.memory_stats() or {}
+  result = {
+      "device": f"{jax.device_count()}× {device.device_kind}",
+      "batch_size": bsz,
+      "compute_dtype": config.train.compute_dtype,
+      "compile_s": compile_s,
+      "train_step_s": train_s,
+      "train_images_per_s": bsz / train_s,
+      "sample_step_s": sample_s,
+      "sample_image_steps_per_s": bsz / sample_s,
+      "peak_host_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+      "peak_device_memory_gb": stats.get("peak_bytes_in_use", 0) / 2**30 or None,
+      "train_step_tflop": flops / 1e12,
+      "train_tflops_per_s": flops / 1e12 / train_s,
+  }
+  peak = _peak(config.train.compute_dtype)
+  if peak and device.platform != "cpu":
+    result["mfu"] = result["train_tflops_per_s"] / (peak * jax.device_count())
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  result = benchmark(FLAGS.config, FLAGS.runs, FLAGS.warmup)
+  width = max(len(k) for k in result)
+  for k, v in result.items():
+    print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
