@@ -55,3 +55,14 @@ def test_bad_arguments_are_refused(script, args, message):
   r = _run(script, *args)
   assert r.returncode == 2
   assert message in r.stderr
+
+
+def test_gpu_bench_dry_run():
+  r = _run("gpu_bench.sh", "--dry-run")
+  assert r.returncode == 0, r.stderr
+  lines = r.stdout.strip().splitlines()
+  assert len(lines) == 6  # 3 batches × 2 dtypes
+  assert "--config.data.batch_size=32" in lines[-1]
+  assert "--config.train.compute_dtype=bfloat16" in lines[-1]
+  bad = _run("gpu_bench.sh", "--dtypes", "float16")
+  assert bad.returncode == 2 and "float32 or bfloat16" in bad.stderr
