@@ -72,7 +72,7 @@ def decode_record(data: bytes) -> dict:
 
 
 class BadImageError(ValueError):
-  pass
+  """An image file that cannot be decoded (the message names it)."""
 
 
 def prepare_image_folder(image_dir: str, output_dir: str, image_size: int,

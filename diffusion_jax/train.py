@@ -51,7 +51,7 @@ class TrainState:
 
 
 class NonFiniteLossError(RuntimeError):
-  pass
+  """A NaN/Inf loss or update under train.nan_policy="halt"."""
 
 
 def make_mesh(config, devices=None) -> Mesh:
