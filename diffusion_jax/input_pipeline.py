@@ -10,6 +10,8 @@ Built-in offline datasets:
                  else TFDS's `fashion_mnist` prepared in `data.data_dir`; 28×28 grey,
                  zero-padded to 32×32.
   digits         scikit-learn's 8×8 digits (1,797 images), upscaled ×4 (nearest).
+  photo_patches  colour crops from photographs inside scikit-image and scikit-learn
+                 (see `photo_patches`), for colour-shift analyses.
 Other sources:
   folder         a folder prepared once by `--mode=prepare` (see `image_folder`).
   tfds:NAME      any TFDS dataset prepared in ArrayRecord format under data.data_dir,
@@ -28,9 +30,10 @@ import numpy as np
 from PIL import Image
 
 from diffusion_jax import image_folder
+from diffusion_jax import photo_patches
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
-DATASETS = ("fashion_mnist", "digits", "folder", "tfds:NAME")
+DATASETS = ("fashion_mnist", "digits", "photo_patches", "folder", "tfds:NAME")
 
 
 class ArraySource(Sequence):
@@ -108,6 +111,8 @@ def get_source(data_config) -> ArraySource:
     if data_config.image_size != 32:
       raise ValueError("digits are 32×32: set data.image_size=32.")
     return src
+  if name == "photo_patches":
+    return photo_patches.PhotoPatchSource(data_config.image_size)
   if name == "folder":
     return image_folder.PreparedFolderSource(data_config.data_dir, data_config.image_size)
   if name.startswith("tfds:"):
@@ -117,7 +122,7 @@ def get_source(data_config) -> ArraySource:
 
 
 def check_dataset_name(name: str) -> None:
-  if name not in DATASETS[:3] and not (name.startswith("tfds:") and len(name) > 5):
+  if name not in DATASETS[:-1] and not (name.startswith("tfds:") and len(name) > 5):
     raise ValueError(f"Unknown data.dataset {name!r}; choose one of {list(DATASETS)}.")
 
 

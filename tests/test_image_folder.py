@@ -95,3 +95,20 @@ def test_unknown_dataset_name():
   config.data.dataset = "mnist"
   with pytest.raises(ValueError, match="choose one of .*'tfds:NAME'"):
     input_pipeline.check_dataset_name(config.data.dataset)
+
+
+def test_photo_patches_are_deterministic_colour_crops():
+  config = tiny_config.get_config()
+  config.model.in_channels = 3
+  config.data.update(dataset="photo_patches", image_size=32)
+  source = input_pipeline.get_source(config.data)
+  assert len(source) == 50_000
+  a, b = source[123], source[123]
+  assert a["image"].shape == (32, 32, 3) and a["image"].dtype == np.uint8
+  np.testing.assert_array_equal(a["image"], b["image"])
+  imgs = np.stack([source[i]["image"] for i in range(200)]).astype(np.float64)
+  # Colour: the channels differ (unlike a grey dataset), and crops differ from each other.
+  assert np.abs(imgs[..., 0] - imgs[..., 2]).mean() > 5
+  assert imgs.reshape(200, -1).std(axis=0).mean() > 20
+  batch = next(input_pipeline.create_iterator(config.data, 0))
+  assert batch["image"].shape == (8, 32, 32, 3)
