@@ -62,10 +62,7 @@ def _peak(dtype: str):
 def benchmark(config, runs: int = 10, warmup: int = 2) -> dict:
   """The benchmark's numbers for `config` (see the module docstring)."""
   config_lib.validate_config(config)
-  model = config_lib.build_model(config)
-  diffusion = config_lib.build_diffusion(config)
-  tx = config_lib.build_optimizer(config)
-  sampler = config_lib.build_timestep_sampler(config)
+  model, diffusion, tx, sampler = config_lib.build(config)
   mesh = train.make_mesh(config)
   state, shardings = train.create_train_state(config, model, tx, sampler, mesh)
   m, bsz = config.model, config.data.batch_size

@@ -6,6 +6,7 @@ field, the problem and the fix.
 from __future__ import annotations
 
 import json
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -118,6 +119,19 @@ def learning_rate_schedule(config):
   if o.warmup_steps > 0:
     return optax.linear_schedule(0.0, o.lr, o.warmup_steps)
   return optax.constant_schedule(o.lr)
+
+
+class Components(NamedTuple):
+  """What a training config builds: the network, the diffusion, the optimiser, the t-sampler."""
+  model: Any
+  diffusion: diffusion_lib.GaussianDiffusion
+  tx: optax.GradientTransformation
+  timestep_sampler: resample.TimestepSampler
+
+
+def build(config) -> Components:
+  return Components(build_model(config), build_diffusion(config), build_optimizer(config),
+                    build_timestep_sampler(config))
 
 
 def build_optimizer(config) -> optax.GradientTransformation:

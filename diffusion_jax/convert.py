@@ -229,10 +229,8 @@ def convert_checkpoint(path: str, config, workdir: str) -> int:
   if os.path.isdir(checkpoints.checkpoint_dir(workdir)) and os.listdir(
       checkpoints.checkpoint_dir(workdir)):
     raise FileExistsError(f"{workdir} already holds checkpoints; convert into a new workdir.")
-  model = config_lib.build_model(config)
+  model, _, tx, sampler = config_lib.build(config)
   params = torch_to_flax(read_state_dict(path), model)
-  tx = config_lib.build_optimizer(config)
-  sampler = config_lib.build_timestep_sampler(config)
   state = train.init_state(config, model, tx, sampler, jax.random.PRNGKey(0))
   step = step_from_filename(path)
   state = state.replace(params=params, ema_params=[params] * len(config.optim.ema_rates),

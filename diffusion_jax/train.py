@@ -224,20 +224,15 @@ def _check_workdir(workdir: str) -> None:
                           "writable --workdir.") from None
 
 
-def sample_images(config, model, diffusion, params, num: int, key) -> np.ndarray:
-  """`num` samples from `params` with config.sample's sampler, as uint8 NHWC."""
-  labels = jnp.arange(num) % config.model.num_classes if config.model.class_cond else None
-  shape = (num, config.model.image_size, config.model.image_size, config.model.in_channels)
-
-  @jax.jit
-  def run(p, k):
-    model_fn = lambda x, t: model.apply({"params": p}, x, t, labels)
-    x = samplers.sample(diffusion, model_fn, shape, k, sampler=config.sample.sampler,
-                        steps=config.sample.steps, clip_denoised=config.sample.clip_denoised,
-                        eta=config.sample.eta)
-    return jnp.clip(jnp.round((x + 1) * 127.5), 0, 255).astype(jnp.uint8)
-
-  return np.asarray(run(params, key))
+def sample_grid(config, model, diffusion, params) -> np.ndarray:
+  """config.sample.num_samples images from `params` as uint8 NHWC (every process calls it)."""
+  m, n = config.model, jax.device_count()
+  sample_config = config.sample.copy_and_resolve_references()
+  sample_config.batch_size = -(-sample_config.num_samples // n) * n  # one batch, all devices
+  return samplers.generate(model, diffusion, params, sample_config, "",
+                           class_cond=m.class_cond, num_classes=m.num_classes,
+                           image_shape=(m.image_size, m.image_size, m.in_channels),
+                           write=False)["images"]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -248,10 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """
   config_lib.validate_config(config)
   _check_workdir(workdir)
-  model = config_lib.build_model(config)
-  diffusion = config_lib.build_diffusion(config)
-  tx = config_lib.build_optimizer(config)
-  timestep_sampler = config_lib.build_timestep_sampler(config)
+  model, diffusion, tx, timestep_sampler = config_lib.build(config)
   mesh = make_mesh(config)
   data_iter = input_pipeline.create_iterator(config.data, config.data.seed)
 
@@ -278,7 +270,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   step = int(state.step)
   num_steps = config.train.num_steps
-  sample_key = jax.random.PRNGKey(config.sample.seed)
   pending: list[dict] = []
   last_log_time, last_log_step = time.time(), step
   bar = tqdm(total=num_steps, initial=step, disable=jax.process_index() != 0,
@@ -319,17 +310,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         checkpoints.save(manager, step, state, batch_iter_state, config)
       if (config.train.sample_every and step % config.train.sample_every == 0
           and step < num_steps):  # the final grid is drawn after the loop
-        writer.write_image_grid(step, sample_images(
-            config, model, diffusion, state.ema_params[0], config.sample.num_samples,
-            jax.random.fold_in(sample_key, step)))
+        writer.write_image_grid(step, sample_grid(config, model, diffusion,
+                                                  state.ema_params[0]))
       if preempted.raised:
         logging.warning("SIGTERM: saved step %d; exiting.", step)
         break
   bar.close()
   manager.wait_until_finished()
   if step >= num_steps:  # every process samples (the params are global arrays)
-    grid = sample_images(config, model, diffusion, state.ema_params[0],
-                         config.sample.num_samples, jax.random.fold_in(sample_key, step))
+    grid = sample_grid(config, model, diffusion, state.ema_params[0])
     writer.write_image_grid(step, grid, final=True)
     if writer.enabled:
       reporting.plot_loss_curve(workdir)
@@ -345,9 +334,7 @@ def load_checkpoint(workdir: str, step: int | None = None) -> TrainState:
   config is needed. Raises FileNotFoundError when there is no checkpoint.
   """
   config = checkpoints.saved_config(workdir, step)
-  model = config_lib.build_model(config)
-  tx = config_lib.build_optimizer(config)
-  timestep_sampler = config_lib.build_timestep_sampler(config)
+  model, _, tx, timestep_sampler = config_lib.build(config)
   abstract = jax.eval_shape(
       lambda k: init_state(config, model, tx, timestep_sampler, k), jax.random.PRNGKey(0))
   return checkpoints.restore_state(workdir, abstract, step)

@@ -28,10 +28,7 @@ if __name__ == "__main__":
   # No warmup, and an Adam eps that keeps updates proportional to tiny gradients, so
   # that the comparison is not dominated by sign flips of near-zero gradients.
   config.optim.update(warmup_steps=0, eps=1e-3)
-  model = config_lib.build_model(config)
-  diffusion = config_lib.build_diffusion(config)
-  tx = config_lib.build_optimizer(config)
-  sampler = config_lib.build_timestep_sampler(config)
+  model, diffusion, tx, sampler = config_lib.build(config)
   mesh = train.make_mesh(config)
   state, shardings = train.create_train_state(config, model, tx, sampler, mesh)
   step = jax.jit(train.make_train_step(config, model, diffusion, tx, sampler),

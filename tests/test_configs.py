@@ -48,10 +48,7 @@ def test_paper_256_train_step_compiles_at_batch_1():
   from configs import celebahq256  # pylint: disable=import-outside-toplevel
   config = celebahq256.get_config()
   config.data.batch_size = 1
-  model = config_lib.build_model(config)
-  diffusion = config_lib.build_diffusion(config)
-  tx = config_lib.build_optimizer(config)
-  sampler = config_lib.build_timestep_sampler(config)
+  model, diffusion, tx, sampler = config_lib.build(config)
   mesh = train.make_mesh(config, jax.devices()[:1])
   state, shardings = jax.eval_shape(
       lambda: train.create_train_state(config, model, tx, sampler, mesh)[0]), None

@@ -26,11 +26,7 @@ def _env(devices=1):
 
 
 def _build(config):
-  model = config_lib.build_model(config)
-  diffusion = config_lib.build_diffusion(config)
-  tx = config_lib.build_optimizer(config)
-  sampler = config_lib.build_timestep_sampler(config)
-  return model, diffusion, tx, sampler
+  return config_lib.build(config)
 
 
 def _fixed_batch(config, seed=0):
@@ -224,10 +220,7 @@ def test_eight_devices_equal_one_device():
     # near-zero gradient moves a parameter by up to lr. A larger eps keeps Adam
     # proportional to g there, and the comparison meaningful.
     config.optim.eps = 1e-3
-    model = config_lib.build_model(config)
-    diffusion = config_lib.build_diffusion(config)
-    tx = config_lib.build_optimizer(config)
-    sampler = config_lib.build_timestep_sampler(config)
+    model, diffusion, tx, sampler = config_lib.build(config)
     it = input_pipeline.create_iterator(config.data, 0)
     batches = [next(it) for _ in range(2)]
     out = []
