@@ -10,6 +10,8 @@ step from `fold_in(key, step)`, so results do not depend on the device count.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -115,7 +117,8 @@ def generate(model, diffusion, params, sample_config, out_dir: str, *, class_con
   out_sharding = NamedSharding(mesh, P(mesh.axis_names))
   replicated = NamedSharding(mesh, P())
 
-  @jax.jit
+  # Computed sharded over the batch, returned replicated so every host can read it.
+  @functools.partial(jax.jit, out_shardings=replicated)
   def run(p, key, labels):
     fn = lambda x, t: model.apply({"params": p}, x, t, labels if class_cond else None)
     x = sample(diffusion, fn, (bsz,) + tuple(image_shape), key, sampler=sample_config.sampler,
