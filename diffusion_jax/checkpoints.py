@@ -87,6 +87,14 @@ def _read_only_manager(workdir: str) -> ocp.CheckpointManager:
                                item_names=ITEMS)
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps saved in `workdir` (empty when it has no checkpoints)."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return []
+  with _read_only_manager(workdir) as manager:
+    return sorted(manager.all_steps())
+
+
 def _resolve_step(manager, step, workdir):
   step = manager.latest_step() if step is None else step
   if step is None or step not in manager.all_steps():

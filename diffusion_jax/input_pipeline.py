@@ -112,7 +112,11 @@ def get_source(data_config) -> ArraySource:
       raise ValueError("digits are 32×32: set data.image_size=32.")
     return src
   if name == "photo_patches":
-    return photo_patches.PhotoPatchSource(data_config.image_size)
+    if data_config.split not in ("train", "test"):
+      raise ValueError(f"photo_patches has splits 'train' and 'test' (other crops of the "
+                       f"same photographs), not {data_config.split!r}.")
+    return photo_patches.PhotoPatchSource(data_config.image_size,
+                                          seed=0 if data_config.split == "train" else 1)
   if name == "folder":
     return image_folder.PreparedFolderSource(data_config.data_dir, data_config.image_size)
   if name.startswith("tfds:"):

@@ -4,12 +4,14 @@
 
 Config fields are overridden with --config.SECTION.FIELD=VALUE.
 """
+import os
+
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-MODES = ("train", "sample", "prepare", "convert")
+MODES = ("train", "sample", "evaluate", "compare", "prepare", "convert")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -34,6 +36,15 @@ def main(argv):
     from diffusion_jax import train  # pylint: disable=import-outside-toplevel
     out = train.sample_from_workdir(FLAGS.config, FLAGS.workdir)
     print(f"Wrote {len(out['images'])} samples to {out['dir']}")
+  elif FLAGS.mode == "evaluate":
+    from diffusion_jax import evaluate  # pylint: disable=import-outside-toplevel
+    report = evaluate.evaluate_workdir(FLAGS.config, FLAGS.workdir)
+    print(f"Wrote evaluation.json and {len(report['files'])} plots to "
+          f"{os.path.dirname(report['files']['x0_error'])}")
+  elif FLAGS.mode == "compare":
+    from diffusion_jax import evaluate  # pylint: disable=import-outside-toplevel
+    report = evaluate.compare(FLAGS.config, FLAGS.workdir)
+    print(f"Wrote {report['files']['report']} (plots and report.json beside it)")
   elif FLAGS.mode == "prepare":
     from diffusion_jax import image_folder  # pylint: disable=import-outside-toplevel
     data = FLAGS.config.data

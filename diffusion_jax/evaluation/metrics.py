@@ -100,3 +100,65 @@ def inception_score(logits, splits: int = 10) -> dict:
     kl = np.sum(chunk * (np.log(chunk + 1e-12) - np.log(py + 1e-12)), axis=1)
     scores.append(np.exp(kl.mean()))
   return {"is": float(np.mean(scores)), "is_std": float(np.std(scores)), "n": len(p)}
+
+
+def reference_from_features(features: dict, source: str = "") -> dict:
+  """Reference statistics from Inception features {"pool", "spatial"}: mu/sigma (pool),
+  mu_s/sigma_s (spatial, for sFID), the pool features themselves (precision/recall), n."""
+  pool, spatial = feature_statistics(features["pool"]), feature_statistics(features["spatial"])
+  return {"mu": pool["mu"], "sigma": pool["sigma"], "mu_s": spatial["mu"],
+          "sigma_s": spatial["sigma"], "pool": np.asarray(features["pool"], np.float32),
+          "n": pool["n"], "source": source}
+
+
+def save_reference(reference: dict, path: str) -> None:
+  """Writes reference statistics as .npz (the keys guided-diffusion's evaluator uses)."""
+  np.savez(path, **{k: np.asarray(v) for k, v in reference.items()})
+
+
+def load_reference(path: str, inception=None) -> dict:
+  """Reference statistics from an .npz: ours, or guided-diffusion's reference batches.
+
+  guided-diffusion's VIRTUAL_*.npz files hold arr_0 (uint8 images) and mu/sigma/mu_s/
+  sigma_s; their images are run through `inception` for precision/recall (and for the
+  statistics, when a file has only images). Pickled objects are refused.
+  """
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      data = {k: f[k] for k in f.files}
+  except (OSError, ValueError) as e:
+    raise ValueError(f"Cannot read reference statistics {path}: {e}. Pass an .npz with "
+                     "mu/sigma (and mu_s/sigma_s) or arr_0 images.") from None
+  if "pool" not in data and "arr_0" in data:
+    if inception is None:
+      raise ValueError(f"{path} holds images (arr_0); an Inception is needed to use it.")
+    computed = reference_from_features(inception.features_uint8(data["arr_0"]), path)
+    for key in ("mu", "sigma", "mu_s", "sigma_s"):
+      data.setdefault(key, computed[key])
+    data["pool"], data["n"] = computed["pool"], computed["n"]
+  missing = [k for k in ("mu", "sigma") if k not in data]
+  if missing:
+    raise ValueError(f"{path} has no {missing}: not a reference-statistics file "
+                     f"(keys: {sorted(data)}).")
+  data.setdefault("n", len(data["pool"]) if "pool" in data else -1)
+  data["n"] = int(data["n"])
+  data["source"] = str(data.get("source", path))
+  return data
+
+
+def sample_quality(features: dict, reference: dict) -> dict:
+  """FID, sFID, precision/recall (k=3) and IS (with logits) of sample features against
+  reference statistics, with the sample counts: guided-diffusion's evaluator's set."""
+  stats = feature_statistics(features["pool"])
+  out = {"fid": frechet_distance(stats["mu"], stats["sigma"], reference["mu"],
+                                 reference["sigma"]),
+         "n_samples": stats["n"], "n_reference": int(reference["n"])}
+  if "mu_s" in reference and "spatial" in features:
+    s = feature_statistics(features["spatial"])
+    out["sfid"] = frechet_distance(s["mu"], s["sigma"], reference["mu_s"], reference["sigma_s"])
+  if "pool" in reference:
+    pr = precision_recall(reference["pool"], features["pool"])
+    out.update(precision=pr["precision"], recall=pr["recall"])
+  if "logits" in features:
+    out["inception_score"] = inception_score(features["logits"])["is"]
+  return out

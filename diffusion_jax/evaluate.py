@@ -1,0 +1,353 @@
+"""--mode=evaluate and --mode=compare: sample quality and the paper's analyses.
+
+  evaluate_workdir(config, workdir)  metrics and plots for a workdir's checkpoint(s),
+                                     into WORKDIR/eval/
+  compare(config, workdir)           trains config.compare.weightings with identical
+                                     seeds, data and steps into WORKDIR/runs/<name>/,
+                                     evaluates them together, writes WORKDIR/report.md,
+                                     report.json and the PNG plots
+
+What is measured is set by config.eval (see configs/default.py). Every FID figure
+carries its sample count; the reference statistics come from config.eval.reference_npz
+or from config.eval.num_reference training images (cached under WORKDIR).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from diffusion_jax import checkpoints
+from diffusion_jax import config_lib
+from diffusion_jax import input_pipeline
+from diffusion_jax import samplers
+from diffusion_jax import train
+from diffusion_jax import weighting as weighting_lib
+from diffusion_jax.evaluation import analysis
+from diffusion_jax.evaluation import inception as inception_lib
+from diffusion_jax.evaluation import metrics
+
+
+def _ints(text: str, field: str) -> list[int]:
+  try:
+    values = [int(v) for v in str(text).split(",") if v.strip()]
+  except ValueError:
+    values = []
+  if not values or min(values) < 1:
+    raise ValueError(f"config.{field}={text!r}: expected comma-separated positive integers, "
+                     "e.g. '10,20,50'.")
+  return sorted(set(values))
+
+
+def _names(text: str) -> list[str]:
+  return [v.strip() for v in str(text).split(",") if v.strip()]
+
+
+def validate_eval_config(config, compare_mode: bool = False) -> None:
+  """Raises ValueError naming the first bad config.eval / config.compare field."""
+  e = config.eval
+  _ints(e.steps, "eval.steps")
+  _ints(e.colour_steps, "eval.colour_steps")
+  for sampler in _names(e.samplers) + [e.colour_sampler]:
+    if sampler not in samplers.SAMPLERS:
+      raise ValueError(f"Unknown sampler {sampler!r} in config.eval; choose from "
+                       f"{list(samplers.SAMPLERS)}.")
+  if not _names(e.samplers):
+    raise ValueError("config.eval.samplers is empty; name at least one, e.g. 'ddim'.")
+  for field in ("num_samples", "num_reference", "colour_num_samples", "x0_num_examples",
+                "batch_size", "x0_buckets", "train_curve_steps"):
+    if int(e[field]) < 1:
+      raise ValueError(f"config.eval.{field}={e[field]} must be positive.")
+  if min(e.num_samples, e.num_reference) <= 3:
+    raise ValueError("config.eval.num_samples and num_reference must exceed 3 (k=3 "
+                     "precision/recall); FID needs hundreds to mean much.")
+  if e.reference_npz and not os.path.isfile(e.reference_npz):
+    raise ValueError(f"config.eval.reference_npz={e.reference_npz!r} does not exist.")
+  if compare_mode:
+    names = _names(config.compare.weightings)
+    unknown = [n for n in names if n not in weighting_lib.available()]
+    if len(names) < 2 or unknown or len(set(names)) != len(names):
+      raise ValueError(f"config.compare.weightings={config.compare.weightings!r}: give two or "
+                       f"more distinct names from {weighting_lib.available()}.")
+
+
+@dataclasses.dataclass
+class Run:
+  """One trained model: its EMA params and what is needed to sample from it."""
+  label: str
+  workdir: str
+  config: ml_collections.ConfigDict
+  params: dict
+  train_step: int
+
+  @property
+  def model(self):
+    return config_lib.build_model(self.config)
+
+  @property
+  def diffusion(self):
+    return config_lib.build_diffusion(self.config)
+
+
+def _ema_index(saved_config, ema_rate: float) -> int:
+  rates = list(saved_config.optim.ema_rates)
+  if ema_rate == -1:
+    return 0
+  if ema_rate not in rates:
+    raise ValueError(f"eval.ema_rate={ema_rate} is not among the checkpoint's EMA rates {rates}.")
+  return rates.index(ema_rate)
+
+
+def load_run(workdir: str, label: str, ema_rate: float = -1, step: int | None = None) -> Run:
+  """The EMA params of `workdir`'s checkpoint (latest, or `step`)."""
+  saved = checkpoints.saved_config(workdir, step)
+  state = train.load_checkpoint(workdir, step)
+  return Run(label=label, workdir=workdir, config=saved,
+             params=state.ema_params[_ema_index(saved, ema_rate)], train_step=int(state.step))
+
+
+def data_images(data_config, num: int, seed: int, split: str | None = None):
+  """(uint8 images (num, H, W, C), int32 labels): a fixed random subset of a split."""
+  data_config = data_config.copy_and_resolve_references()
+  if split is not None:
+    data_config.split = split
+  source = input_pipeline.get_source(data_config)
+  if num > len(source):
+    raise ValueError(f"Asked for {num} images but {data_config.dataset} "
+                     f"({data_config.split}) has {len(source)}; lower the eval count.")
+  idx = np.sort(np.random.default_rng(seed).choice(len(source), num, replace=False))
+  records = [source[int(i)] for i in idx]
+  return (np.stack([np.asarray(r["image"], np.uint8) for r in records]),
+          np.asarray([r["label"] for r in records], np.int32))
+
+
+def reference_statistics(config, inception, cache_dir: str) -> dict:
+  """config.eval.reference_npz if set, else training-data statistics cached in cache_dir."""
+  e, d = config.eval, config.data
+  if e.reference_npz:
+    return metrics.load_reference(e.reference_npz, inception)
+  name = d.dataset.replace(":", "_").replace("/", "_")
+  path = os.path.join(cache_dir, f"reference_{name}_{d.image_size}px_{d.split}_"
+                      f"{e.num_reference}.npz")
+  if os.path.exists(path):
+    return metrics.load_reference(path)
+  tqdm.write(f"Reference statistics: {e.num_reference} {d.dataset} images → {path}")
+  images, _ = data_images(d, e.num_reference, e.seed)
+  ref = metrics.reference_from_features(inception.features_uint8(images),
+                                        f"{d.dataset} {d.split} ({e.num_reference} images)")
+  os.makedirs(cache_dir, exist_ok=True)
+  metrics.save_reference(ref, path)
+  return ref
+
+
+def sample_images(run: Run, sampler: str, steps: int, num: int, batch_size: int,
+                  seed: int) -> np.ndarray:
+  """uint8 samples of `run`; the same seed gives every run the same starting noise."""
+  m = run.config.model
+  n_dev = jax.device_count()
+  batch = max(n_dev, min(batch_size, num) // n_dev * n_dev)
+  sample_config = ml_collections.ConfigDict(dict(
+      sampler=sampler, steps=steps, eta=0.0, num_samples=num, batch_size=batch,
+      clip_denoised=True, seed=seed, save_npz=False, save_individual=False))
+  return samplers.generate(run.model, run.diffusion, run.params, sample_config, "",
+                           class_cond=m.class_cond, num_classes=m.num_classes,
+                           image_shape=(m.image_size, m.image_size, m.in_channels),
+                           write=False)["images"]
+
+
+def _to_rgb(images: np.ndarray) -> np.ndarray:
+  return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+
+
+def _quality(images, inception, reference) -> dict:
+  return metrics.sample_quality(inception.features_uint8(_to_rgb(images)), reference)
+
+
+def evaluate_runs(runs: list[Run], config, out_dir: str, cache_dir: str) -> dict:
+  """Every analysis of config.eval over `runs`; writes PNG + JSON into out_dir."""
+  e = config.eval
+  os.makedirs(out_dir, exist_ok=True)
+  inception = inception_lib.FIDInception.load(e.inception_path or None)
+  reference = reference_statistics(config, inception, cache_dir)
+  report = {"reference": {"source": reference["source"], "n": int(reference["n"])},
+            "runs": {r.label: {"workdir": r.workdir, "train_step": r.train_step} for r in runs},
+            "files": {}}
+
+  tqdm.write(f"x0 error per timestep on {e.x0_num_examples} held-out images ({e.x0_split})")
+  held_out, held_labels = data_images(runs[0].config.data, e.x0_num_examples, e.seed + 1,
+                                      split=e.x0_split)
+  held_out = held_out.astype(np.float32) / 127.5 - 1
+  key = jax.random.PRNGKey(e.seed)
+  x0 = {r.label: analysis.x0_error_by_timestep(
+      r.model, r.diffusion, r.params, held_out, key, e.x0_buckets,
+      labels=held_labels if r.config.model.class_cond else None) for r in runs}
+  report["x0_error"] = x0
+  report["files"]["x0_error"] = analysis.plot_x0_error(x0, os.path.join(out_dir, "x0_error.png"))
+
+  tqdm.write(f"Colour shift: {e.colour_num_samples} {e.colour_sampler} samples per step count")
+  data_for_colour, _ = data_images(runs[0].config.data, max(e.num_reference, 2), e.seed)
+  strips, colour = {}, {}
+  for r in runs:
+    strips[r.label] = {s: sample_images(r, e.colour_sampler, s, e.colour_num_samples,
+                                        e.batch_size, e.seed)
+                       for s in _ints(e.colour_steps, "eval.colour_steps")}
+    colour[r.label] = analysis.colour_shift(strips[r.label], data_for_colour)
+  report["colour_shift"] = {"sampler": e.colour_sampler, "tables": colour}
+  report["files"]["colour_strip"] = analysis.plot_colour_strip(
+      strips, os.path.join(out_dir, "colour_strip.png"))
+  report["files"]["colour_stats"] = analysis.plot_colour_stats(
+      colour, os.path.join(out_dir, "colour_stats.png"))
+
+  tqdm.write(f"FID against sampling steps: {e.num_samples} samples per point")
+  fid = {}
+  for r in runs:
+    fid[r.label] = {}
+    for sampler in _names(e.samplers):
+      fid[r.label][sampler] = {}
+      for s in _ints(e.steps, "eval.steps"):
+        images = sample_images(r, sampler, s, e.num_samples, e.batch_size, e.seed)
+        fid[r.label][sampler][s] = _quality(images, inception, reference)
+        tqdm.write(f"  {r.label} {sampler}-{s}: FID {fid[r.label][sampler][s]['fid']:.2f}")
+  report["fid_vs_steps"] = fid
+  report["files"]["fid_vs_steps"] = analysis.plot_fid_vs_steps(
+      fid, os.path.join(out_dir, "fid_vs_steps.png"))
+
+  if e.train_curve:
+    sampler = _names(e.samplers)[0]
+    curve = {}
+    for r in runs:
+      curve[r.label] = {}
+      for step in checkpoints.checkpoint_steps(r.workdir):
+        run_at = load_run(r.workdir, r.label, e.ema_rate, step)
+        images = sample_images(run_at, sampler, e.train_curve_steps, e.num_samples,
+                               e.batch_size, e.seed)
+        curve[r.label][step] = _quality(images, inception, reference)
+    report["fid_vs_train_step"] = {"sampler": sampler, "steps": e.train_curve_steps,
+                                   "curve": curve}
+    report["files"]["fid_vs_train_step"] = analysis.plot_fid_vs_train_step(
+        curve, os.path.join(out_dir, "fid_vs_train_step.png"),
+        f"{sampler}-{e.train_curve_steps}")
+  analysis.write_json(report, os.path.join(out_dir, "evaluation.json"))
+  return report
+
+
+def evaluate_workdir(config, workdir: str) -> dict:
+  """--mode=evaluate: the latest checkpoint of `workdir` (every checkpoint for the
+  training curve); writes WORKDIR/eval/evaluation.json and the plots."""
+  validate_eval_config(config)
+  saved = checkpoints.saved_config(workdir)
+  mismatch = config_lib.model_mismatches(json.loads(config_lib.to_json(saved)), config)
+  if mismatch:
+    raise checkpoints.CheckpointConfigError(
+        f"The checkpoint in {workdir} was trained with a different configuration:\n  "
+        + "\n  ".join(mismatch))
+  run = load_run(workdir, saved.diffusion.weighting, config.eval.ema_rate)
+  return evaluate_runs([run], config, os.path.join(workdir, "eval"), workdir)
+
+
+def _trained_run_config(config, name: str):
+  sub = config.copy_and_resolve_references()
+  sub.diffusion.weighting = name
+  return sub
+
+
+def _train_or_reuse(sub_config, run_dir: str, name: str) -> None:
+  """Trains into run_dir, resuming; a finished run with the same weighting is reused."""
+  steps = checkpoints.checkpoint_steps(run_dir)
+  if steps:
+    saved = checkpoints.saved_config(run_dir)
+    mismatch = config_lib.model_mismatches(json.loads(config_lib.to_json(saved)), sub_config)
+    if saved.diffusion.weighting != name:
+      mismatch.append(f"diffusion.weighting: checkpoint {saved.diffusion.weighting!r}, "
+                      f"this run {name!r}")
+    if mismatch:
+      raise checkpoints.CheckpointConfigError(
+          f"{run_dir} holds a run with a different configuration:\n  " + "\n  ".join(mismatch)
+          + "\nUse a new --workdir; nothing was changed.")
+    if steps[-1] >= sub_config.train.num_steps:
+      tqdm.write(f"[{name}] reusing the finished run in {run_dir} (step {steps[-1]})")
+      return
+  tqdm.write(f"[{name}] training into {run_dir}")
+  train.train_and_evaluate(sub_config, run_dir)
+
+
+def _fmt(value, digits=2):
+  return "–" if value is None else f"{value:.{digits}f}"
+
+
+def write_report(report: dict, config, path: str) -> str:
+  """report.md: the tables a reader needs, and the plots."""
+  e = config.eval
+  labels = list(report["runs"])
+  lines = [f"# Weighting comparison: {config.data.dataset}, "
+           f"{config.train.num_steps} steps × batch {config.data.batch_size}", "",
+           f"Same seeds, data order and steps for every run; EMA params. FID against "
+           f"{report['reference']['source']} (n={report['reference']['n']}); "
+           f"{e.num_samples} samples per FID point.", ""]
+  for sampler in _names(e.samplers):
+    steps = _ints(e.steps, "eval.steps")
+    lines += [f"## FID / sFID ({sampler})", "",
+              "| weighting | " + " | ".join(f"FID@{s}" for s in steps) + " | "
+              + " | ".join(f"sFID@{s}" for s in steps) + f" | precision@{steps[-1]} | "
+              f"recall@{steps[-1]} |",
+              "|---" * (2 * len(steps) + 3) + "|"]
+    for label in labels:
+      row = report["fid_vs_steps"][label][sampler]
+      lines.append(f"| {label} | " + " | ".join(_fmt(row[s]["fid"]) for s in steps) + " | "
+                   + " | ".join(_fmt(row[s].get("sfid")) for s in steps) + " | "
+                   + f"{_fmt(row[steps[-1]].get('precision'), 3)} | "
+                   f"{_fmt(row[steps[-1]].get('recall'), 3)} |")
+    lines.append("")
+  colour = report["colour_shift"]["tables"]
+  csteps = _ints(e.colour_steps, "eval.colour_steps")
+  first = colour[labels[0]]
+  lines += [f"## Colour shift ({report['colour_shift']['sampler']}, "
+            f"{next(iter(first['steps'].values()))['n']} samples per cell)", "",
+            "‖channel mean − data mean‖₂ in [−1, 1] units (lower is better); data channel "
+            f"means {[round(v, 3) for v in first['data']['mean']]}, stds "
+            f"{[round(v, 3) for v in first['data']['std']]}.", "",
+            "| weighting | " + " | ".join(f"{s} steps" for s in csteps) + " |",
+            "|---" * (len(csteps) + 1) + "|"]
+  for label in labels:
+    lines.append(f"| {label} | " + " | ".join(
+        _fmt(colour[label]["steps"][s]["mean_shift"], 3) for s in csteps) + " |")
+  lines += ["", "Sample std / data std:", "",
+            "| weighting | " + " | ".join(f"{s} steps" for s in csteps) + " |",
+            "|---" * (len(csteps) + 1) + "|"]
+  for label in labels:
+    lines.append(f"| {label} | " + " | ".join(
+        _fmt(colour[label]["steps"][s]["std_ratio"], 3) for s in csteps) + " |")
+  x0 = report["x0_error"]
+  lo, hi = x0[labels[0]]["t_lo"], x0[labels[0]]["t_hi"]
+  lines += ["", f"## x0 estimation error per timestep bucket (held-out, "
+            f"n={x0[labels[0]]['n']})", "",
+            "| weighting | " + " | ".join(f"t {a}–{b}" for a, b in zip(lo, hi)) + " |",
+            "|---" * (len(lo) + 1) + "|"]
+  for label in labels:
+    lines.append(f"| {label} | " + " | ".join(f"{v:.4f}" for v in x0[label]["x0_mse"]) + " |")
+  lines += ["", "## Plots", ""]
+  for name, file in report["files"].items():
+    lines.append(f"![{name}]({os.path.relpath(file, os.path.dirname(path))})")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return path
+
+
+def compare(config, workdir: str) -> dict:
+  """--mode=compare: train each of config.compare.weightings, evaluate them together."""
+  validate_eval_config(config, compare_mode=True)
+  config_lib.validate_config(config)
+  names = _names(config.compare.weightings)
+  for name in names:
+    sub = _trained_run_config(config, name)
+    _train_or_reuse(sub, os.path.join(workdir, "runs", name), name)
+  runs = [load_run(os.path.join(workdir, "runs", n), n, config.eval.ema_rate) for n in names]
+  report = evaluate_runs(runs, config, os.path.join(workdir, "compare"), workdir)
+  report["files"]["report"] = write_report(report, config, os.path.join(workdir, "report.md"))
+  analysis.write_json(report, os.path.join(workdir, "report.json"))
+  return report
