@@ -58,3 +58,58 @@ def test_bad_shapes():
     metrics.feature_statistics(np.zeros(5))
   with pytest.raises(ValueError, match="differ in shape"):
     metrics.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+
+
+def _features(rng, n, shift=0.0):
+  return {"pool": rng.normal(shift, 1, (n, 16)), "spatial": rng.normal(shift, 1, (n, 8))}
+
+
+def test_reference_round_trip_and_sample_quality(tmp_path):
+  rng = np.random.default_rng(0)
+  ref = metrics.reference_from_features(_features(rng, 400), "unit test")
+  path = str(tmp_path / "ref.npz")
+  metrics.save_reference(ref, path)
+  loaded = metrics.load_reference(path)
+  for key in ("mu", "sigma", "mu_s", "sigma_s", "pool"):
+    np.testing.assert_array_equal(loaded[key], ref[key])
+  assert loaded["n"] == 400 and loaded["source"] == "unit test"
+  same = metrics.sample_quality(_features(rng, 400), loaded)
+  shifted = metrics.sample_quality(_features(rng, 400, shift=1.0), loaded)
+  assert same["n_samples"] == 400 and same["n_reference"] == 400
+  # 16 unit-variance dimensions shifted by 1: ‖Δμ‖² = 16, plus sampling noise.
+  assert same["fid"] < 2 and 14 < shifted["fid"] < 19
+  assert same["sfid"] < 2 and 6 < shifted["sfid"] < 10
+  assert same["precision"] > 0.6 and shifted["precision"] < same["precision"]
+
+
+def test_guided_diffusion_reference_batch_layout(tmp_path):
+  """guided-diffusion's reference .npz: arr_0 images + mu/sigma/mu_s/sigma_s statistics."""
+  rng = np.random.default_rng(1)
+  feats = _features(rng, 50)
+
+  class FakeInception:  # stands in for the network: the images' features are known
+    def features_uint8(self, images):
+      assert images.dtype == np.uint8 and len(images) == 50
+      return feats
+
+  stats = metrics.reference_from_features(feats)
+  path = str(tmp_path / "VIRTUAL_test.npz")
+  np.savez(path, arr_0=np.zeros((50, 8, 8, 3), np.uint8), mu=stats["mu"], sigma=stats["sigma"],
+           mu_s=stats["mu_s"], sigma_s=stats["sigma_s"])
+  with pytest.raises(ValueError, match="Inception is needed"):
+    metrics.load_reference(path)
+  loaded = metrics.load_reference(path, FakeInception())
+  np.testing.assert_array_equal(loaded["mu"], stats["mu"])
+  np.testing.assert_allclose(loaded["pool"], feats["pool"].astype(np.float32))
+  assert loaded["n"] == 50
+
+
+def test_reference_file_errors(tmp_path):
+  pickled = str(tmp_path / "pickled.npz")
+  np.savez(pickled, mu=np.array([{"a": 1}], dtype=object))
+  with pytest.raises(ValueError, match="Cannot read reference statistics"):
+    metrics.load_reference(pickled)
+  wrong = str(tmp_path / "wrong.npz")
+  np.savez(wrong, something=np.zeros(3))
+  with pytest.raises(ValueError, match="not a reference-statistics file"):
+    metrics.load_reference(wrong)

@@ -1,0 +1,148 @@
+"""--mode=evaluate / --mode=compare and the analyses on tiny models."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusion_jax import checkpoints
+from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import evaluate
+from diffusion_jax import train
+from diffusion_jax.evaluation import analysis
+from tests import tiny_config
+
+
+def _tiny_eval_config(weightings="constant,debias"):
+  c = tiny_config.get_config()
+  c.eval.update(num_samples=8, num_reference=16, colour_num_samples=4, x0_num_examples=8,
+                x0_buckets=4, steps="2,3", colour_steps="2,3", batch_size=4, samplers="ddim",
+                train_curve=True, train_curve_steps=2)
+  c.compare.weightings = weightings
+  return c
+
+
+def _is_png(path):
+  with Image.open(path) as img:
+    return img.format == "PNG" and min(img.size) > 100
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("compare"))
+  config = _tiny_eval_config()
+  return workdir, config, evaluate.compare(config, workdir)
+
+
+@pytest.mark.slow  # trains two tiny runs and samples them (~3 min)
+def test_compare_writes_report_tables_and_plots(compared):
+  workdir, config, report = compared
+  assert set(report["runs"]) == {"constant", "debias"}
+  for name in ("constant", "debias"):
+    assert checkpoints.checkpoint_steps(os.path.join(workdir, "runs", name)) == [3, 6]
+    saved = checkpoints.saved_config(os.path.join(workdir, "runs", name))
+    assert saved.diffusion.weighting == name
+    for steps in (2, 3):
+      point = report["fid_vs_steps"][name]["ddim"][steps]
+      assert point["n_samples"] == 8 and point["n_reference"] == 16
+      assert np.isfinite(point["fid"]) and np.isfinite(point["sfid"])
+      assert 0 <= point["precision"] <= 1
+    assert set(report["fid_vs_train_step"]["curve"][name]) == {3, 6}
+    assert set(report["colour_shift"]["tables"][name]["steps"]) == {2, 3}
+    assert len(report["x0_error"][name]["x0_mse"]) == 4
+  for key in ("x0_error", "colour_strip", "colour_stats", "fid_vs_steps", "fid_vs_train_step"):
+    assert _is_png(report["files"][key]), key
+  md = open(os.path.join(workdir, "report.md")).read()
+  for text in ("| constant |", "| debias |", "FID@2", "sFID@3", "Colour shift", "x0 estimation",
+               "8 samples per FID point", "(n=16)"):
+    assert text in md, text
+  with open(os.path.join(workdir, "report.json")) as f:
+    assert json.load(f)["runs"]["debias"]["train_step"] == 6
+
+
+@pytest.mark.slow  # trains two tiny runs and samples them (~3 min)
+def test_compare_reuses_finished_runs(compared):
+  workdir, config, _ = compared
+  metrics_file = os.path.join(workdir, "runs", "debias", "metrics.jsonl")
+  before = open(metrics_file).read()
+  config.eval.update(train_curve=False, steps="2")
+  report = evaluate.compare(config, workdir)
+  assert open(metrics_file).read() == before  # not retrained
+  assert set(report["fid_vs_steps"]["debias"]["ddim"]) == {2}
+
+
+@pytest.mark.slow  # trains two tiny runs and samples them (~3 min)
+def test_evaluate_workdir(compared):
+  workdir, config, _ = compared
+  run_dir = os.path.join(workdir, "runs", "debias")
+  config.eval.update(train_curve=False, steps="3")
+  report = evaluate.evaluate_workdir(config, run_dir)
+  assert list(report["runs"]) == ["debias"]
+  assert os.path.exists(os.path.join(run_dir, "eval", "evaluation.json"))
+  assert _is_png(os.path.join(run_dir, "eval", "colour_strip.png"))
+
+
+def test_compare_refuses_a_run_with_another_weighting(tmp_path):
+  config = _tiny_eval_config()
+  wrong = config.copy_and_resolve_references()
+  wrong.diffusion.weighting = "constant"
+  run_dir = str(tmp_path / "runs" / "debias")
+  wrong.train.num_steps = 3
+  train.train_and_evaluate(wrong, run_dir)
+  before = checkpoints.checkpoint_steps(run_dir)
+  config.compare.weightings = "debias,constant"
+  with pytest.raises(checkpoints.CheckpointConfigError, match="weighting"):
+    evaluate.compare(config, str(tmp_path))
+  assert checkpoints.checkpoint_steps(run_dir) == before
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("eval.samplers", "ddim,euler", "Unknown sampler 'euler'"),
+    ("eval.steps", "10,x", "comma-separated positive integers"),
+    ("eval.colour_steps", "0,2", "comma-separated positive integers"),
+    ("eval.num_samples", 2, "must exceed 3"),
+    ("compare.weightings", "debias", "two or more"),
+    ("compare.weightings", "debias,p3", "two or more distinct names"),
+    ("eval.reference_npz", "/nonexistent/ref.npz", "does not exist"),
+])
+def test_bad_eval_config(field, value, match):
+  config = _tiny_eval_config()
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(ValueError, match=match):
+    evaluate.validate_eval_config(config, compare_mode=True)
+
+
+class _ZeroModel:
+  """ε̂ = 0 (and a zero variance output): then x̂0 − x0 = ε/√SNR(t)."""
+
+  def apply(self, variables, x, t, y=None):
+    del variables, t, y
+    return jnp.zeros(x.shape[:-1] + (2 * x.shape[-1],), x.dtype)
+
+
+def test_x0_error_of_a_zero_model_is_one_over_snr():
+  diffusion = diffusion_lib.create_diffusion("linear", 1000, target="eps",
+                                             var_type="learned_range")
+  images = np.random.default_rng(0).uniform(-1, 1, (64, 8, 8, 1)).astype(np.float32)
+  result = analysis.x0_error_by_timestep(_ZeroModel(), diffusion, {}, images,
+                                         jax.random.PRNGKey(0), buckets=1000, batch_size=32)
+  abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+  inv_snr = (1 - abar) / abar
+  np.testing.assert_allclose(result["x0_mse"], inv_snr, rtol=0.08)
+  np.testing.assert_allclose(result["eps_mse"], 1.0, rtol=0.08)
+  assert result["t_lo"][:3] == [0, 1, 2] and result["n"] == 64
+
+
+def test_colour_shift_numbers():
+  data = np.random.default_rng(0).integers(0, 128, (4, 8, 8, 3)).astype(np.uint8)
+  shifted = data.copy()
+  shifted[..., 0] += 127  # red mean up by 127/127.5 in [−1, 1] units, spread unchanged
+  table = analysis.colour_shift({2: shifted, 10: data}, data)
+  assert table["steps"][2]["mean_shift"] == pytest.approx(127 / 127.5)
+  assert table["steps"][2]["std_ratio"] == pytest.approx(1.0)
+  assert table["steps"][10]["mean_shift"] == pytest.approx(0.0)
+  assert table["steps"][2]["mean"][0] - table["data"]["mean"][0] == pytest.approx(127 / 127.5)
