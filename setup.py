@@ -1,4 +1,4 @@
-"""Installs diffusion_jax: `pip install -e .` (add `[test]` for the test suite, `[torch]` for .pt import)."""
+"""Installs diffusion_jax: `pip install -e .` (add `[test]` for the test suite)."""
 import pathlib
 
 from setuptools import find_packages, setup
@@ -23,7 +23,6 @@ setup(
     install_requires=_requirements("requirements.txt"),
     extras_require={
         "test": _requirements("requirements-test.txt"),
-        "torch": ["torch==2.13.0"],
     },
     entry_points={"console_scripts": ["diffusion-jax=diffusion_jax.main:run"]},
 )

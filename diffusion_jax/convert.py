@@ -6,8 +6,8 @@ conv weights (O, I, kh, kw) ⇄ kernels (kh, kw, I, O); linear (O, I) and 1×1 c
 (O, I, 1) ⇄ dense kernels (I, O); GroupNorm weight ⇄ scale; Embedding ⇄ embedding.
 
 Reading checkpoint files is a security boundary: `.safetensors` and `.npz` are read
-without pickle; `.pt` goes through `torch.load(weights_only=True)` when torch is
-installed, and is refused otherwise. Arbitrary objects are never unpickled.
+without pickle; `.pt` (torch's zip format) goes through `torch_archive`, a restricted
+unpickler that builds arrays and refuses every other object. torch is not needed.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import numpy as np
 from flax import traverse_util
 
 from diffusion_jax.models import init_params
+from diffusion_jax import torch_archive
 
 _CONV1D = ("qkv", "proj_out")  # Conv1d(k=1) in PyTorch, Dense in Flax
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight",
@@ -187,7 +188,8 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], path: str) -> None:
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """A state_dict of numpy arrays from .pt/.pth, .safetensors or .npz, never unpickling."""
+  """A state_dict of float32 numpy arrays from .pt/.pth (torch zip format, read by a
+  restricted unpickler), .safetensors or .npz."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"No checkpoint file at {path}.")
   ext = os.path.splitext(path)[1].lower()
@@ -197,16 +199,11 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as z:
       return {k: z[k] for k in z.files}
   if ext in (".pt", ".pth", ".bin", ".ckpt"):
-    try:
-      import torch  # pylint: disable=import-outside-toplevel
-    except ImportError:
-      raise ImportError(
-          f"Reading {path} needs PyTorch (pip install 'diffusion_jax[torch]'), or convert "
-          "it to .safetensors or .npz first.") from None
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(sd, Mapping):
-      raise ValueError(f"{path} holds a {type(sd).__name__}, not a state_dict.")
-    return {k: v.detach().float().numpy() for k, v in sd.items()}
+    sd = torch_archive.load(path)  # restricted unpickler: arrays only, no torch needed
+    if not isinstance(sd, Mapping) or not all(isinstance(v, np.ndarray) for v in sd.values()):
+      raise ValueError(f"{path} holds a {type(sd).__name__} that is not a flat state_dict "
+                       "of tensors; save model.state_dict() instead.")
+    return {k: np.asarray(v, np.float32) for k, v in sd.items()}
   raise ValueError(f"Unsupported checkpoint format {ext!r} for {path}; use .pt, "
                    ".safetensors or .npz.")
 

@@ -363,14 +363,23 @@ def test_convert_cli_writes_a_loadable_checkpoint_and_never_overwrites(tmp_path)
   assert r.returncode != 0 and "already holds checkpoints" in r.stderr
 
 
-def test_pt_files_without_torch_name_the_fix(tmp_path, monkeypatch):
+def test_pt_files_are_read_without_torch(tmp_path, monkeypatch):
+  """torch.save'd state_dicts load through the restricted unpickler, torch not imported."""
   import builtins  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel  (test-only: writes the file)
+  model = create_model(**TINY)
+  sd = convert.flax_to_torch(init_params(model, jax.random.PRNGKey(4)), model)
+  torch.save({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, tmp_path / "m.pt")
+  torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "module.pt")
   real_import = builtins.__import__
   def no_torch(name, *a, **k):
-    if name == "torch":
-      raise ImportError("no torch")
+    if name == "torch" or name.startswith("torch."):
+      raise ImportError("torch must not be needed")
     return real_import(name, *a, **k)
   monkeypatch.setattr(builtins, "__import__", no_torch)
-  (tmp_path / "m.pt").write_bytes(b"PK")
-  with pytest.raises(ImportError, match=r"diffusion_jax\[torch\]"):
-    convert.read_state_dict(str(tmp_path / "m.pt"))
+  loaded = convert.read_state_dict(str(tmp_path / "m.pt"))
+  assert set(loaded) == set(sd)
+  for k in sd:
+    np.testing.assert_array_equal(loaded[k], sd[k])
+  with pytest.raises(Exception, match="Refusing to load torch.nn"):
+    convert.read_state_dict(str(tmp_path / "module.pt"))
