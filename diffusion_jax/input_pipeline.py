@@ -192,3 +192,66 @@ def create_iterator(data_config, seed: int) -> Iterator:
   """The training iterator for a config (call `get_state`/`set_state` to checkpoint it)."""
   return iter(make_dataset(get_source(data_config), batch_size=data_config.batch_size,
                            seed=seed, random_flip=data_config.random_flip))
+
+
+class Prefetcher:
+  """Reads and transfers batches on a background thread, `size` ahead of the step.
+
+  `to_device` turns a host batch into device arrays (e.g. the global sharded batch).
+  Each item carries the iterator state from just before its batch, so a checkpoint
+  taken between steps records exactly where the next step's data starts.
+  """
+
+  def __init__(self, data_iter, to_device, size: int = 2):
+    import queue  # pylint: disable=import-outside-toplevel
+    import threading  # pylint: disable=import-outside-toplevel
+    if size < 1:
+      raise ValueError(f"prefetch size must be ≥ 1; got {size}.")
+    self._queue = queue.Queue(maxsize=size)
+    self._stop = threading.Event()
+    self._held = None
+
+    def work():
+      try:
+        while not self._stop.is_set():
+          state = data_iter.get_state()
+          item = (to_device(next(data_iter)), state, None)
+          while not self._stop.is_set():
+            try:
+              self._queue.put(item, timeout=0.1)
+              break
+            except queue.Full:
+              continue
+      except Exception as e:  # pylint: disable=broad-except
+        self._queue.put((None, None, e))
+
+    self._thread = threading.Thread(target=work, daemon=True, name="prefetch")
+    self._thread.start()
+
+  def _take(self):
+    if self._held is None:
+      self._held = self._queue.get()
+      if self._held[2] is not None:
+        raise self._held[2]
+    return self._held
+
+  def next(self):
+    """(device batch, iterator state before it)."""
+    batch, state, _ = self._take()
+    self._held = None
+    return batch, state
+
+  def state(self):
+    """The iterator state before the next batch (the one `next` would return)."""
+    return self._take()[1]
+
+  def close(self) -> None:
+    self._stop.set()
+    self._thread.join(timeout=5)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+    return False

@@ -261,12 +261,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   writer = reporting.MetricWriter(workdir, enabled=jax.process_index() == 0)
   sharding = batch_sharding(mesh)
 
-  def next_batch():
-    """The next global batch, and the iterator state that yields it again on resume."""
-    iter_state = data_iter.get_state()
-    local = next(data_iter)
+  def to_global(local):
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in local.items()}, iter_state
+            for k, v in local.items()}
 
   step = int(state.step)
   num_steps = config.train.num_steps
@@ -274,7 +271,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   last_log_time, last_log_step = time.time(), step
   bar = tqdm(total=num_steps, initial=step, disable=jax.process_index() != 0,
              desc="train", unit="step", dynamic_ncols=True)
-  with _PreemptionFlag() as preempted:
+  with _PreemptionFlag() as preempted, input_pipeline.Prefetcher(
+      data_iter, to_global, config.data.prefetch) as prefetcher:
+    next_batch = prefetcher.next
     batch, batch_iter_state = next_batch() if step < num_steps else (None, None)
     if batch is not None:
       t0 = time.time()
@@ -286,10 +285,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       step += 1
       pending.append(metrics)
       bar.update(1)
-      if step < num_steps:  # fetched while the step runs
+      if step < num_steps:  # prefetched while earlier steps ran
         batch, batch_iter_state = next_batch()
       else:
-        batch_iter_state = data_iter.get_state()
+        batch_iter_state = prefetcher.state()
       at_log = step % config.train.log_every == 0 or step == num_steps
       at_ckpt = step % config.train.checkpoint_every == 0 or step == num_steps
       if at_log:

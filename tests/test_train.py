@@ -310,3 +310,34 @@ def test_sigterm_saves_the_current_step(tmp_path):
   assert len(steps) == 1 and steps[0] >= 1
   last_logged = max(json.loads(l)["step"] for l in metrics.read_text().splitlines())
   assert steps[0] == last_logged
+
+
+def _digits_iterator(seed=0):
+  return iter(input_pipeline.make_dataset(input_pipeline.load_digits(), batch_size=4,
+                                          seed=seed, random_flip=True))
+
+
+def test_prefetcher_yields_the_same_batches_with_their_resume_states():
+  direct = _digits_iterator()
+  expected = []
+  for _ in range(5):
+    state = direct.get_state()
+    expected.append((next(direct)["image"], state))
+  with input_pipeline.Prefetcher(_digits_iterator(), lambda b: b["image"] * 1, 2) as pf:
+    for i, (images, state) in enumerate(expected):
+      if i == 3:
+        assert pf.state() == state  # peeking does not consume
+      got, got_state = pf.next()
+      np.testing.assert_array_equal(got, images)
+      assert got_state == state
+  resumed = _digits_iterator()
+  resumed.set_state(expected[3][1])
+  np.testing.assert_array_equal(next(resumed)["image"], expected[3][0])
+
+
+def test_prefetcher_reraises_reader_errors():
+  def broken(batch):
+    raise OSError("disk went away")
+  with input_pipeline.Prefetcher(_digits_iterator(), broken) as pf:
+    with pytest.raises(OSError, match="disk went away"):
+      pf.next()
