@@ -22,6 +22,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from diffusion_jax import config_lib
+from diffusion_jax import distributed
 from diffusion_jax import train
 
 FLAGS = flags.FLAGS
@@ -29,6 +30,8 @@ config_flags.DEFINE_config_file("config", None, "Config to benchmark.", lock_con
 flags.DEFINE_string("json", None, "Write the results here as JSON.")
 flags.DEFINE_integer("runs", 10, "Timed calls per measurement (the median is reported).")
 flags.DEFINE_integer("warmup", 2, "Untimed calls before timing.")
+flags.DEFINE_integer("cpu_devices", -1, "CPU only: XLA devices the host is split into "
+                     "(-1: one per core, dividing the batch; 1: a single device).")
 
 # Dense peak TFLOP/s per chip by compute dtype (vendor figures, no sparsity).
 PEAK_TFLOPS = {
@@ -102,7 +105,8 @@ def benchmark(config, runs: int = 10, warmup: int = 2) -> dict:
 
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  # XLA's cost analysis counts one device's share of the SPMD program.
+  flops = float(cost.get("flops", 0.0)) * jax.device_count() if cost else 0.0
   device = jax.devices()[0]
   stats = device.memory_stats() or {}
   result = {
@@ -128,6 +132,8 @@ def benchmark(config, runs: int = 10, warmup: int = 2) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  distributed.split_host_cpu(FLAGS.cpu_devices if FLAGS.cpu_devices != -1 else
+                             distributed.cpu_device_count([FLAGS.config.data.batch_size]))
   result = benchmark(FLAGS.config, FLAGS.runs, FLAGS.warmup)
   width = max(len(k) for k in result)
   for k, v in result.items():

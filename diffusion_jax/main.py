@@ -19,6 +19,9 @@ config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
 flags.DEFINE_enum("mode", "train", MODES, "What to run.")
 flags.DEFINE_string("checkpoint", None, "--mode=convert: the PyTorch checkpoint to import.")
+flags.DEFINE_integer("cpu_devices", -1, "CPU runs: split the host into this many XLA devices "
+                     "for data parallelism over the cores (-1: as many as the cores, "
+                     "dividing the batch sizes). Ignored by GPU/TPU runs.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -28,6 +31,10 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   from diffusion_jax import distributed  # pylint: disable=import-outside-toplevel
+  c = FLAGS.config
+  distributed.split_host_cpu(
+      FLAGS.cpu_devices if FLAGS.cpu_devices != -1 else distributed.cpu_device_count(
+          [c.data.batch_size, c.sample.batch_size]))
   distributed.initialize()
   if FLAGS.mode == "train":
     from diffusion_jax import train  # pylint: disable=import-outside-toplevel

@@ -10,7 +10,7 @@ import jax.flatten_util
 import numpy as np
 import pytest
 
-from diffusion_jax import train
+from diffusion_jax import distributed, train
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -56,3 +56,23 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
   tiny = tmp_path / "multi" / "tiny"
   assert (tiny / "samples.png").exists() and (tiny / "metrics.jsonl").exists()
   assert int(train.load_checkpoint(str(tiny)).step) == 2
+
+
+def test_cpu_device_count_divides_every_batch():
+  assert distributed.cpu_device_count([16, 64], cores=2) == 2
+  assert distributed.cpu_device_count([16, 64], cores=12) == 8
+  assert distributed.cpu_device_count([15], cores=4) == 3
+  assert distributed.cpu_device_count([7, 16], cores=8) == 1
+
+
+def test_split_host_cpu_respects_explicit_xla_flags(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  assert distributed.split_host_cpu(2) == 0
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_onednn=true")
+  assert distributed.split_host_cpu(2) == 2
+  assert os.environ["XLA_FLAGS"] == (
+      "--xla_cpu_use_onednn=true --xla_force_host_platform_device_count=2")
+  with pytest.raises(ValueError, match="cpu_devices=0"):
+    monkeypatch.setenv("XLA_FLAGS", "")
+    distributed.split_host_cpu(0)
