@@ -139,3 +139,24 @@ def test_missing_package_names_the_install(monkeypatch):
 def test_float_input_must_be_uint8(fid_inception):
   with pytest.raises(ValueError, match="uint8"):
     fid_inception.features_uint8(np.zeros((1, 32, 32, 3), np.float32))
+
+
+def test_features_do_not_depend_on_the_device_count(tmp_path, fid_inception):
+  """Batches are split over every device; 8 simulated devices give the 1-device features."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  images = np.random.default_rng(2).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+  np.save(tmp_path / "images.npy", images)
+  script = (
+      "import sys, numpy as np, jax\n"
+      "from diffusion_jax.evaluation import inception\n"
+      "assert len(jax.devices()) == 8\n"
+      "x = np.load(sys.argv[1])\n"
+      "f = inception.FIDInception.load().features_uint8(x, batch_size=4, progress=False)\n"
+      "np.save(sys.argv[2], f['pool'])\n")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  subprocess.run([sys.executable, "-c", script, str(tmp_path / "images.npy"),
+                  str(tmp_path / "pool8.npy")], check=True, env=env, timeout=300)
+  one_device = fid_inception.features_uint8(images, batch_size=4, progress=False)["pool"]
+  np.testing.assert_allclose(np.load(tmp_path / "pool8.npy"), one_device, rtol=1e-5, atol=1e-5)

@@ -304,9 +304,15 @@ class FIDInception:
     return jax.jit(lambda params, x: model.apply({"params": params}, x))
 
   @functools.cached_property
+  def _mesh(self):
+    return jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+
+  @functools.cached_property
   def _apply_uint8(self):
     model = InceptionV3(self.num_logits)
-    return jax.jit(lambda params, x: model.apply({"params": params}, preprocess_uint8(x)))
+    replicated = jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec())
+    return jax.jit(lambda params, x: model.apply({"params": params}, preprocess_uint8(x)),
+                   out_shardings=replicated)
 
   def features(self, x) -> dict[str, np.ndarray]:
     """(N, 299, 299, 3) float in [−1, 1] → {"pool": (N, 2048), "spatial": (N, 2023)[, "logits"]}."""
@@ -314,13 +320,17 @@ class FIDInception:
 
   def features_uint8(self, images, batch_size: int = 50, progress: bool = True
                      ) -> dict[str, np.ndarray]:
-    """Features of (N, H, W, C) uint8 images, in batches (the last one padded to keep one
-    compiled shape), with a progress bar."""
+    """Features of (N, H, W, C) uint8 images, in batches split over all devices (the last
+    one padded to keep one compiled shape), with a progress bar."""
     images = np.asarray(images)
     if images.dtype != np.uint8:
       raise ValueError(f"features_uint8 takes uint8 images; got {images.dtype}. "
                        "Convert samples in [−1, 1] with inception.to_uint8.")
-    batch_size = max(1, min(batch_size, len(images)))
+    n_dev = len(jax.devices())
+    batch_size = -(-max(1, min(batch_size, len(images))) // n_dev) * n_dev
+    sharding = jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec("data"))
+    params = jax.device_put(self.params, jax.sharding.NamedSharding(
+        self._mesh, jax.sharding.PartitionSpec()))
     out: dict[str, list] = {}
     batches = range(0, len(images), batch_size)
     for start in tqdm(batches, desc="inception", disable=not progress, leave=False):
@@ -328,7 +338,7 @@ class FIDInception:
       n = len(chunk)
       if n < batch_size:
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
-      feats = self._apply_uint8(self.params, jnp.asarray(chunk))
+      feats = self._apply_uint8(params, jax.device_put(chunk, sharding))
       for key, value in feats.items():
         out.setdefault(key, []).append(np.asarray(value)[:n])
     return {key: np.concatenate(v) for key, v in out.items()}
