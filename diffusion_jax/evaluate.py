@@ -50,6 +50,9 @@ def _names(text: str) -> list[str]:
 
 def validate_eval_config(config, compare_mode: bool = False) -> None:
   """Raises ValueError naming the first bad config.eval / config.compare field."""
+  if jax.process_count() > 1:
+    raise ValueError("Evaluation runs in one process (it uses every local device); start "
+                     "it without the multi-host launcher, on one host of the workdir.")
   e = config.eval
   _ints(e.steps, "eval.steps")
   _ints(e.colour_steps, "eval.colour_steps")
