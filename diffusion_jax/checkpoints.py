@@ -111,6 +111,18 @@ def saved_config(workdir: str, step: int | None = None):
   return config_lib.from_json(json.dumps(saved.config))
 
 
+def saved_config_matching(workdir: str, config):
+  """The config saved with `workdir`'s latest checkpoint; CheckpointConfigError when its
+  model (or other checkpoint-defining) fields differ from `config`'s."""
+  saved = saved_config(workdir)
+  mismatch = config_lib.model_mismatches(json.loads(config_lib.to_json(saved)), config)
+  if mismatch:
+    raise CheckpointConfigError(
+        f"The checkpoint in {workdir} was trained with a different configuration:\n  "
+        + "\n  ".join(mismatch))
+  return saved
+
+
 def restore_state(workdir: str, abstract_state, step: int | None = None):
   """The saved train state, on the first local device."""
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -243,12 +243,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
   """--mode=evaluate: the latest checkpoint of `workdir` (every checkpoint for the
   training curve); writes WORKDIR/eval/evaluation.json and the plots."""
   validate_eval_config(config)
-  saved = checkpoints.saved_config(workdir)
-  mismatch = config_lib.model_mismatches(json.loads(config_lib.to_json(saved)), config)
-  if mismatch:
-    raise checkpoints.CheckpointConfigError(
-        f"The checkpoint in {workdir} was trained with a different configuration:\n  "
-        + "\n  ".join(mismatch))
+  saved = checkpoints.saved_config_matching(workdir, config)
   run = load_run(workdir, saved.diffusion.weighting, config.eval.ema_rate)
   return evaluate_runs([run], config, os.path.join(workdir, "eval"), workdir)
 

@@ -8,7 +8,6 @@ one CPU, a GPU box or a TPU pod slice.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -345,12 +344,7 @@ def sample_from_workdir(config, workdir: str) -> dict:
   Uses the EMA whose rate is config.sample.ema_rate (-1: the first). Writes into
   WORKDIR/samples/<sampler>_<steps>/ (see `samplers.generate`).
   """
-  saved = checkpoints.saved_config(workdir)
-  mismatch = config_lib.model_mismatches(json.loads(config_lib.to_json(saved)), config)
-  if mismatch:
-    raise checkpoints.CheckpointConfigError(
-        f"The checkpoint in {workdir} was trained with a different configuration:\n  "
-        + "\n  ".join(mismatch))
+  saved = checkpoints.saved_config_matching(workdir, config)
   state = load_checkpoint(workdir)
   rates = list(saved.optim.ema_rates)
   rate = config.sample.ema_rate

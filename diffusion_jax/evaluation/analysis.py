@@ -12,7 +12,6 @@ module computes and draws. Images are NHWC; uint8 unless stated.
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +23,14 @@ def _pyplot():
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   return plt
+
+
+def _save(fig, path: str, dpi: int = 100) -> str:
+  plt = _pyplot()
+  fig.tight_layout()
+  fig.savefig(path, dpi=dpi)
+  plt.close(fig)
+  return path
 
 
 def write_json(obj, path: str) -> str:
@@ -105,10 +112,7 @@ def plot_x0_error(results: dict[str, dict], path: str) -> str:
   for ax in axes:
     ax.legend()
     ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 # --- 2. colour shift -------------------------------------------------------------------
@@ -172,10 +176,7 @@ def plot_colour_strip(rows: dict[str, dict[int, np.ndarray]], path: str,
         ax.set_title(f"{s} steps", fontsize=9)
       if j == 0:
         ax.set_ylabel(label, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _save(fig, path, 110)
 
 
 def plot_colour_stats(tables: dict[str, dict], path: str) -> str:
@@ -204,10 +205,7 @@ def plot_colour_stats(tables: dict[str, dict], path: str) -> str:
                  f"n={n['data']['n']})")
     ax.grid(alpha=0.3)
   axes[1].legend(fontsize=7, ncol=2)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 # --- 3. and 4. FID curves --------------------------------------------------------------
@@ -236,10 +234,7 @@ def plot_fid_vs_steps(results: dict[str, dict[str, dict[int, dict]]], path: str)
            title=f"{name} against sampling steps ({n} samples)")
     ax.grid(alpha=0.3)
     ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 def plot_fid_vs_train_step(results: dict[str, dict[int, dict]], path: str,
@@ -256,7 +251,4 @@ def plot_fid_vs_train_step(results: dict[str, dict[int, dict]], path: str,
          title=f"FID against training step ({n} samples{', ' + subtitle if subtitle else ''})")
   ax.grid(alpha=0.3)
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
