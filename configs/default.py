@@ -87,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
       sample_every=0,              # PNG grid from the EMA params (0: only at the end)
       seed=0,
       compute_dtype="float32",     # float32 | bfloat16 (params stay float32)
+      attention="einsum",          # einsum (reference arithmetic) | fused (dot_product_attention)
       nan_policy="halt",           # halt | skip
       fsdp=1,                      # devices per parameter shard (1: pure data parallel)
   ))

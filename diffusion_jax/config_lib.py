@@ -99,6 +99,7 @@ def validate_config(config, num_devices: int | None = None) -> None:
 def build_model(config):
   kw = dict(config.model)
   kw["dtype"] = config.train.compute_dtype
+  kw["attention_impl"] = config.train.get("attention", "einsum")
   return models.create_model(**kw)
 
 

@@ -383,3 +383,22 @@ def test_pt_files_are_read_without_torch(tmp_path, monkeypatch):
     np.testing.assert_array_equal(loaded[k], sd[k])
   with pytest.raises(Exception, match="Refusing to load torch.nn"):
     convert.read_state_dict(str(tmp_path / "module.pt"))
+
+
+@pytest.mark.parametrize("new_order", [False, True])
+def test_fused_attention_matches_the_reference_arithmetic(new_order):
+  """train.attention=fused (jax.nn.dot_product_attention): same outputs and gradients."""
+  cfg = dict(TINY, use_new_attention_order=new_order)
+  ref, fused = create_model(**cfg), create_model(**cfg, attention_impl="fused")
+  params = _randomise(init_params(ref, jax.random.PRNGKey(8)))
+  x = jax.random.normal(jax.random.PRNGKey(9), (2, 16, 16, 3))
+  t = jnp.array([10, 700])
+  loss = lambda m: jax.jit(jax.value_and_grad(
+      lambda p: jnp.mean(m.apply({"params": p}, x, t) ** 2)))
+  (l_ref, g_ref), (l_fused, g_fused) = loss(ref)(params), loss(fused)(params)
+  np.testing.assert_allclose(l_fused, l_ref, rtol=1e-5)
+  flat_ref, _ = jax.flatten_util.ravel_pytree(g_ref)
+  flat_fused, _ = jax.flatten_util.ravel_pytree(g_fused)
+  assert float(jnp.linalg.norm(flat_fused - flat_ref) / jnp.linalg.norm(flat_ref)) < 1e-5
+  with pytest.raises(ValueError, match="attention implementation"):
+    create_model(**cfg, attention_impl="flash")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.models.unet import UNetModel
+from diffusion_jax.models.unet import ATTENTION_IMPLS, UNetModel
 
 NUM_CLASSES = 1000
 # guided-diffusion's channel multipliers per image size (32 from improved-diffusion).
@@ -45,12 +45,13 @@ def create_model(image_size: int, num_channels: int, num_res_blocks: int,
                  dropout: float = 0.0, resblock_updown: bool = False,
                  use_fp16: bool = False, use_new_attention_order: bool = False,
                  num_classes: int = NUM_CLASSES, in_channels: int = 3,
-                 dtype: str = "float32") -> UNetModel:
+                 dtype: str = "float32", attention_impl: str = "einsum") -> UNetModel:
   """The ADM UNet exactly as guided-diffusion's `create_model` builds it.
 
   `attention_resolutions` lists resolutions ("32,16,8"); `use_fp16` is accepted for
   argument compatibility and means dtype="bfloat16" here. `in_channels` (3 in the
-  reference) allows grey images; `dtype` is the compute dtype.
+  reference) allows grey images; `dtype` is the compute dtype; `attention_impl` is
+  "einsum" (the reference's arithmetic) or "fused" (`jax.nn.dot_product_attention`).
   """
   mult = parse_channel_mult(channel_mult, image_size)
   attention_ds = []
@@ -63,6 +64,9 @@ def create_model(image_size: int, num_channels: int, num_res_blocks: int,
     dtype = "bfloat16"
   if dtype not in _DTYPES:
     raise ValueError(f"Unknown dtype {dtype!r}; choose one of {list(_DTYPES)}.")
+  if attention_impl not in ATTENTION_IMPLS:
+    raise ValueError(f"Unknown attention implementation {attention_impl!r}; choose one of "
+                     f"{list(ATTENTION_IMPLS)}.")
   return UNetModel(
       image_size=image_size,
       in_channels=in_channels,
@@ -81,6 +85,7 @@ def create_model(image_size: int, num_channels: int, num_res_blocks: int,
       use_scale_shift_norm=use_scale_shift_norm,
       resblock_updown=resblock_updown,
       use_new_attention_order=use_new_attention_order,
+      attention_impl=attention_impl,
   )
 
 
