@@ -97,21 +97,13 @@ class Run:
     return config_lib.build_diffusion(self.config)
 
 
-def _ema_index(saved_config, ema_rate: float) -> int:
-  rates = list(saved_config.optim.ema_rates)
-  if ema_rate == -1:
-    return 0
-  if ema_rate not in rates:
-    raise ValueError(f"eval.ema_rate={ema_rate} is not among the checkpoint's EMA rates {rates}.")
-  return rates.index(ema_rate)
-
-
 def load_run(workdir: str, label: str, ema_rate: float = -1, step: int | None = None) -> Run:
   """The EMA params of `workdir`'s checkpoint (latest, or `step`)."""
   saved = checkpoints.saved_config(workdir, step)
   state = train.load_checkpoint(workdir, step)
   return Run(label=label, workdir=workdir, config=saved,
-             params=state.ema_params[_ema_index(saved, ema_rate)], train_step=int(state.step))
+             params=state.ema_params[train.ema_index(saved, ema_rate, "eval.ema_rate")],
+             train_step=int(state.step))
 
 
 def data_images(data_config, num: int, seed: int, split: str | None = None):

@@ -338,6 +338,16 @@ def load_checkpoint(workdir: str, step: int | None = None) -> TrainState:
   return checkpoints.restore_state(workdir, abstract, step)
 
 
+def ema_index(saved_config, rate: float, field: str = "ema_rate") -> int:
+  """Position of EMA `rate` in a checkpoint's ema_params (-1: the first)."""
+  rates = list(saved_config.optim.ema_rates)
+  if rate == -1:
+    return 0
+  if rate not in rates:
+    raise ValueError(f"{field}={rate} is not among the checkpoint's EMA rates {rates}.")
+  return rates.index(rate)
+
+
 def sample_from_workdir(config, workdir: str) -> dict:
   """--mode=sample: config.sample's sampler on the latest checkpoint's EMA params.
 
@@ -346,11 +356,7 @@ def sample_from_workdir(config, workdir: str) -> dict:
   """
   saved = checkpoints.saved_config_matching(workdir, config)
   state = load_checkpoint(workdir)
-  rates = list(saved.optim.ema_rates)
-  rate = config.sample.ema_rate
-  if rate != -1 and rate not in rates:
-    raise ValueError(f"sample.ema_rate={rate} is not among the checkpoint's EMA rates {rates}.")
-  params = state.ema_params[0 if rate == -1 else rates.index(rate)]
+  params = state.ema_params[ema_index(saved, config.sample.ema_rate, "sample.ema_rate")]
   s = config.sample
   out_dir = os.path.join(workdir, "samples", f"{s.sampler}_{s.steps}")
   m = config.model

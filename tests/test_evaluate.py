@@ -146,3 +146,10 @@ def test_colour_shift_numbers():
   assert table["steps"][2]["std_ratio"] == pytest.approx(1.0)
   assert table["steps"][10]["mean_shift"] == pytest.approx(0.0)
   assert table["steps"][2]["mean"][0] - table["data"]["mean"][0] == pytest.approx(127 / 127.5)
+
+
+def test_ema_index_picks_the_named_rate():
+  saved = tiny_config.get_config()  # ema_rates (0.99, 0.9)
+  assert train.ema_index(saved, -1) == 0 and train.ema_index(saved, 0.9) == 1
+  with pytest.raises(ValueError, match=r"eval.ema_rate=0.5 is not among"):
+    train.ema_index(saved, 0.5, "eval.ema_rate")

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import reporting
+
 
 def _pyplot():
   import matplotlib  # pylint: disable=import-outside-toplevel
@@ -145,16 +147,6 @@ def _step_ticks(ax, steps) -> None:
   ax.minorticks_off()
 
 
-def _tile(images: np.ndarray, per_row: int) -> np.ndarray:
-  from diffusion_jax import reporting  # pylint: disable=import-outside-toplevel
-  n = len(images)
-  rows = -(-n // per_row)
-  padded = np.concatenate([images, np.full((rows * per_row - n,) + images.shape[1:], 255,
-                                           np.uint8)]) if rows * per_row > n else images
-  grid = reporting.image_grid(padded[:per_row * rows], pad=1)
-  return grid
-
-
 def plot_colour_strip(rows: dict[str, dict[int, np.ndarray]], path: str,
                       per_cell: int = 4) -> str:
   """Figure-1-style strip: one row per label, one column per step count; each cell
@@ -166,7 +158,7 @@ def plot_colour_strip(rows: dict[str, dict[int, np.ndarray]], path: str,
                            figsize=(1.6 * len(steps), 1.8 * len(labels) + 0.4))
   for i, label in enumerate(labels):
     for j, s in enumerate(steps):
-      cell = _tile(rows[label][s][:per_cell], per_row=int(np.ceil(np.sqrt(per_cell))))
+      cell = reporting.image_grid(rows[label][s][:per_cell], pad=1)
       ax = axes[i, j]
       ax.imshow(cell[..., 0] if cell.shape[-1] == 1 else cell,
                 cmap="gray" if cell.shape[-1] == 1 else None, vmin=0, vmax=255)
