@@ -13,8 +13,10 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from diffusion_jax import config_lib
+from diffusion_jax import paths
 
 ITEMS = ("state", "data_iter", "config")
 
@@ -23,8 +25,9 @@ class CheckpointConfigError(ValueError):
   """The workdir's checkpoint was written under a config this run cannot continue."""
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+def checkpoint_dir(workdir: str) -> epath.Path:
+  """WORKDIR/checkpoints (absolute when local; gs:// kept)."""
+  return paths.path(workdir) / "checkpoints"
 
 
 def create_manager(workdir: str, config) -> ocp.CheckpointManager:
@@ -60,7 +63,7 @@ def restore_latest(manager: ocp.CheckpointManager, state, shardings, config):
   step = manager.latest_step()
   if step is None:
     return None
-  where = os.path.join(str(manager.directory), str(step))
+  where = os.fspath(manager.directory / str(step))
   saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   diffs = config_lib.model_mismatches(saved.config, config)
   if diffs:
@@ -81,7 +84,7 @@ def restore_latest(manager: ocp.CheckpointManager, state, shardings, config):
 
 def _read_only_manager(workdir: str) -> ocp.CheckpointManager:
   path = checkpoint_dir(workdir)
-  if not os.path.isdir(path):
+  if not paths.isdir(path):
     raise FileNotFoundError(f"No checkpoints in {workdir} (expected {path}).")
   return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False),
                                item_names=ITEMS)
@@ -89,7 +92,7 @@ def _read_only_manager(workdir: str) -> ocp.CheckpointManager:
 
 def checkpoint_steps(workdir: str) -> list[int]:
   """The steps saved in `workdir` (empty when it has no checkpoints)."""
-  if not os.path.isdir(checkpoint_dir(workdir)):
+  if not paths.isdir(checkpoint_dir(workdir)):
     return []
   with _read_only_manager(workdir) as manager:
     return sorted(manager.all_steps())

@@ -1,12 +1,16 @@
 """What a run writes for people: JSONL + TensorBoard scalars, PNG grids and loss curves."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import time
 
 import numpy as np
 from PIL import Image
+
+from diffusion_jax import paths
 
 
 def image_grid(images: np.ndarray, pad: int = 2) -> np.ndarray:
@@ -22,32 +26,69 @@ def image_grid(images: np.ndarray, pad: int = 2) -> np.ndarray:
   return grid
 
 
-def save_png(array: np.ndarray, path: str, scale: int = 1) -> None:
+def save_png(array: np.ndarray, path, scale: int = 1) -> str:
+  """uint8 (H, W, C) as a PNG at `path` (local or gs://); returns the path."""
   img = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
   if scale > 1:
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-  img.save(path)
+  buf = io.BytesIO()
+  img.save(buf, format="PNG")
+  return os.fspath(paths.write_bytes(path, buf.getvalue()))
+
+
+METRICS_FILE = "metrics.jsonl"
 
 
 class MetricWriter:
-  """Scalars to WORKDIR/metrics.jsonl and TensorBoard; image grids to PNG and TensorBoard."""
+  """Scalars to WORKDIR/metrics.jsonl and TensorBoard; image grids to PNG and TensorBoard.
 
-  def __init__(self, workdir: str, enabled: bool = True):
-    self.workdir, self.enabled = workdir, enabled
+  metrics.jsonl holds one JSON row per step, in step order. Object stores cannot
+  append, so the writer keeps the rows and replaces the whole file at each `flush`
+  (the training loop flushes at checkpoints and at the end, and writes flush at most
+  every `flush_every_s`). Rows are merged by step. A resumed run passes the restored
+  step as `resume_step`: rows logged after it, by a run that died before its next
+  checkpoint, are dropped and logged again, so no step is repeated or out of order.
+  """
+
+  def __init__(self, workdir, enabled: bool = True, resume_step: int | None = None,
+               flush_every_s: float = 60.0):
+    self.workdir, self.enabled = paths.path(workdir), enabled
+    self._flush_every_s = flush_every_s
+    self._rows: dict[int, dict] = {}
     self._tb = None
-    if enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._dirty, self._last_flush = False, time.monotonic()
+    if not enabled:
+      return
+    for row in read_metrics(self.workdir):
+      if resume_step is None or row["step"] <= resume_step:
+        self._rows.setdefault(row["step"], {}).update(row)
+    self._dirty = resume_step is not None
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    # purge_step hides the events a dead run logged after the restored checkpoint.
+    self._tb = SummaryWriter(os.fspath(self.workdir / "tensorboard"), flush_secs=3600,
+                             purge_step=None if resume_step is None else resume_step + 1)
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     if not self.enabled:
       return
-    with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
-      f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
-              + "\n")
+    self._rows.setdefault(int(step), {"step": int(step)}).update(
+        {k: float(v) for k, v in scalars.items()})
     for k, v in scalars.items():
       self._tb.add_scalar(k, float(v), int(step))
+    self._dirty = True
+    if time.monotonic() - self._last_flush > self._flush_every_s:
+      self.flush()
+
+  def flush(self) -> None:
+    """Writes metrics.jsonl and the TensorBoard events out now."""
+    if not self.enabled:
+      return
+    if self._dirty:
+      lines = [json.dumps(self._rows[s]) + "\n" for s in sorted(self._rows)]
+      paths.write_text(self.workdir / METRICS_FILE, "".join(lines))
+      self._dirty = False
     self._tb.flush()
+    self._last_flush = time.monotonic()
 
   def write_image_grid(self, step: int, images: np.ndarray, final: bool = False) -> str:
     """Saves samples_<step>.png (and samples.png when final); returns the path."""
@@ -55,24 +96,24 @@ class MetricWriter:
       return ""
     grid = image_grid(images)
     scale = max(1, 256 // images.shape[1])
-    path = os.path.join(self.workdir, f"samples_{step:07d}.png")
-    save_png(grid, path, scale)
+    path = save_png(grid, self.workdir / f"samples_{step:07d}.png", scale)
     if final:
-      save_png(grid, os.path.join(self.workdir, "samples.png"), scale)
+      save_png(grid, self.workdir / "samples.png", scale)
     self._tb.add_image("samples", grid, int(step), dataformats="HWC")
     return path
 
   def close(self) -> None:
     if self._tb is not None:
+      self.flush()
       self._tb.close()
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+def read_metrics(workdir) -> list[dict]:
+  """The rows of WORKDIR/metrics.jsonl (empty when there is none)."""
+  path = paths.path(workdir) / METRICS_FILE
+  if not paths.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
 
 
 def plot_loss_curve(workdir: str) -> str:
@@ -81,7 +122,7 @@ def plot_loss_curve(workdir: str) -> str:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   rows = [r for r in read_metrics(workdir) if "loss" in r]
-  path = os.path.join(workdir, "loss_curve.png")
+  path = paths.path(workdir) / "loss_curve.png"
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   steps = [r["step"] for r in rows]
   axes[0].plot(steps, [r["loss"] for r in rows], label="loss (weighted)")
@@ -95,6 +136,6 @@ def plot_loss_curve(workdir: str) -> str:
   axes[1].set(xlabel="step", ylabel="loss", yscale="log", title="Loss per timestep quarter")
   axes[1].legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.save_figure(fig, path, dpi=100)
   plt.close(fig)
-  return path
+  return os.fspath(path)

@@ -104,10 +104,10 @@ def generate(model, diffusion, params, sample_config, out_dir: str, *, class_con
   format of guided-diffusion's evaluator), and PNGs under images/ when
   sample_config.save_individual. Returns {"images": uint8 array, "labels": array|None}.
   """
-  import os  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import paths  # pylint: disable=import-outside-toplevel
   from diffusion_jax import reporting  # pylint: disable=import-outside-toplevel
 
   mesh = mesh or Mesh(np.array(jax.devices()), ("data",))
@@ -137,15 +137,13 @@ def generate(model, diffusion, params, sample_config, out_dir: str, *, class_con
   images = np.concatenate(images)[:total]
   labels = np.concatenate(labels)[:total] if class_cond else None
   if write:
-    os.makedirs(out_dir, exist_ok=True)
-    reporting.save_png(reporting.image_grid(images[:64]), os.path.join(out_dir,
-                                                                       "samples_grid.png"),
+    out = paths.makedirs(out_dir)
+    reporting.save_png(reporting.image_grid(images[:64]), out / "samples_grid.png",
                        scale=max(1, 256 // images.shape[1]))
     if sample_config.save_npz:
       arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels}
-      np.savez(os.path.join(out_dir, "samples.npz"), **arrays)
+      paths.save_npz(out / "samples.npz", **arrays)
     if sample_config.save_individual:
-      os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-      for i, img in enumerate(images):
-        reporting.save_png(img, os.path.join(out_dir, "images", f"{i:06d}.png"))
+      for i, img in enumerate(tqdm(images, desc="write PNGs", unit="img")):
+        reporting.save_png(img, out / "images" / f"{i:06d}.png")
   return {"images": images, "labels": labels}

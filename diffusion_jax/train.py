@@ -27,6 +27,7 @@ from diffusion_jax import checkpoints
 from diffusion_jax import config_lib
 from diffusion_jax import input_pipeline
 from diffusion_jax import models
+from diffusion_jax import paths
 from diffusion_jax import reporting
 from diffusion_jax import samplers
 
@@ -186,20 +187,33 @@ def _summarise(metric_list: list[dict]) -> dict[str, float]:
   return out
 
 
-class _PreemptionFlag:
-  """Turns SIGTERM into a flag the loop checks between steps."""
+class _PreemptionWatch:
+  """Says when the loop must save and stop because the job is being preempted.
+
+  One process: SIGTERM sets a flag, checked between steps. Several processes: JAX's
+  preemption sync point, which `jax.distributed` wires to SIGTERM and to TPU
+  maintenance events on every host; all processes agree on the same step to save.
+  """
 
   def __init__(self):
     self.raised = False
     self._previous = None
+    self._multihost = jax.process_count() > 1
 
   def __enter__(self):
-    if jax.process_count() == 1 and _is_main_thread():
+    if not self._multihost and _is_main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     self.raised = True
+
+  def reached(self, step: int) -> bool:
+    """Call after every step, on every process, with the step count."""
+    if self._multihost and not self.raised:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      self.raised = multihost_utils.reached_preemption_sync_point(step)
+    return self.raised
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -211,16 +225,21 @@ def _is_main_thread() -> bool:
   return threading.current_thread() is threading.main_thread()
 
 
-def _check_workdir(workdir: str) -> None:
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_probe_{jax.process_index()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise PermissionError(f"The workdir {workdir} is not writable ({e.strerror}); choose a "
-                          "writable --workdir.") from None
+def enable_compilation_cache(config, workdir) -> str | None:
+  """Points JAX's persistent compilation cache at train.compilation_cache_dir ("" =
+  WORKDIR/compilation_cache, gs:// allowed; "none" = off), so that a job restarted
+  after preemption loads its compiled step instead of compiling again. Returns the
+  folder in use, or None."""
+  from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=import-outside-toplevel
+  setting = config.train.compilation_cache_dir
+  if setting == "none":
+    return None
+  folder = os.fspath(paths.path(setting) if setting else paths.path(workdir) /
+                     "compilation_cache")
+  if jax.config.jax_compilation_cache_dir != folder:
+    cc.reset_cache()  # JAX decides once per process whether to use the cache
+    cc.set_cache_dir(folder)
+  return folder
 
 
 def sample_grid(config, model, diffusion, params) -> np.ndarray:
@@ -241,7 +260,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   samples_<step>.png grids, samples.png and loss_curve.png at the end.
   """
   config_lib.validate_config(config)
-  _check_workdir(workdir)
+  paths.check_writable(workdir)
+  enable_compilation_cache(config, workdir)
   model, diffusion, tx, timestep_sampler = config_lib.build(config)
   mesh = make_mesh(config)
   data_iter = input_pipeline.create_iterator(config.data, config.data.seed)
@@ -257,7 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   step_fn = jax.jit(make_train_step(config, model, diffusion, tx, timestep_sampler),
                     in_shardings=(shardings, batch_sharding(mesh)),
                     out_shardings=(shardings, None), donate_argnums=0)
-  writer = reporting.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer = reporting.MetricWriter(workdir, enabled=jax.process_index() == 0,
+                                  resume_step=int(state.step))
   sharding = batch_sharding(mesh)
 
   def to_global(local):
@@ -270,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   last_log_time, last_log_step = time.time(), step
   bar = tqdm(total=num_steps, initial=step, disable=jax.process_index() != 0,
              desc="train", unit="step", dynamic_ncols=True)
-  with _PreemptionFlag() as preempted, input_pipeline.Prefetcher(
+  with _PreemptionWatch() as preempted, input_pipeline.Prefetcher(
       data_iter, to_global, config.data.prefetch) as prefetcher:
     next_batch = prefetcher.next
     batch, batch_iter_state = next_batch() if step < num_steps else (None, None)
@@ -290,6 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         batch_iter_state = prefetcher.state()
       at_log = step % config.train.log_every == 0 or step == num_steps
       at_ckpt = step % config.train.checkpoint_every == 0 or step == num_steps
+      preempted.reached(step)
       if at_log:
         summary = _summarise(pending)
         pending = []
@@ -306,12 +328,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             "or use train.nan_policy=skip.")
       if at_ckpt or preempted.raised:
         checkpoints.save(manager, step, state, batch_iter_state, config)
+        writer.flush()
       if (config.train.sample_every and step % config.train.sample_every == 0
           and step < num_steps):  # the final grid is drawn after the loop
         writer.write_image_grid(step, sample_grid(config, model, diffusion,
                                                   state.ema_params[0]))
       if preempted.raised:
-        logging.warning("SIGTERM: saved step %d; exiting.", step)
+        logging.warning("Preempted: saved step %d; exiting.", step)
         break
   bar.close()
   manager.wait_until_finished()
@@ -358,7 +381,7 @@ def sample_from_workdir(config, workdir: str) -> dict:
   state = load_checkpoint(workdir)
   params = state.ema_params[ema_index(saved, config.sample.ema_rate, "sample.ema_rate")]
   s = config.sample
-  out_dir = os.path.join(workdir, "samples", f"{s.sampler}_{s.steps}")
+  out_dir = os.fspath(paths.path(workdir) / "samples" / f"{s.sampler}_{s.steps}")
   m = config.model
   result = samplers.generate(
       config_lib.build_model(config), config_lib.build_diffusion(config), params, s, out_dir,

@@ -1,0 +1,190 @@
+"""The one path layer: every file the project reads or writes, local or `gs://`.
+
+Paths are `etils.epath.Path`s. A local path is made absolute (so a relative workdir
+never turns into a folder named `gs:`); a `gs://bucket/...` path goes through gcsfs
+(fsspec, no TensorFlow) for files and folders, through TensorStore for Orbax's arrays
+and through the Google Cloud C++ client inside ArrayRecord for training records.
+
+Object stores have no append and no rename, so writers here replace whole files:
+`write_bytes` writes a local file to a temporary name and renames it; a GCS upload is
+atomic by itself. Transient errors (HTTP 429/5xx, resets, timeouts) are retried with
+exponential backoff by each client (gcsfs, TensorStore, the C++ client) and once more
+here around whole-file writes and reads.
+
+The GCS emulator is honoured as the usual variables name it: STORAGE_EMULATOR_HOST
+(gcsfs, google-cloud-storage) and TENSORSTORE_GCS_HTTP_URL (TensorStore). When only
+STORAGE_EMULATOR_HOST is set, the other clients are pointed at the same server.
+"""
+from __future__ import annotations
+
+import io
+import os
+import random
+import time
+from typing import Callable, TypeVar, Union
+
+import numpy as np
+from etils import epath
+
+PathLike = Union[str, os.PathLike]
+T = TypeVar("T")
+
+_RETRIES = 4
+
+
+def configure_gcs_clients() -> None:
+  """Environment for the three GCS clients (idempotent; runs on import).
+
+  gcsfs's experimental zonal/hierarchical-bucket probing is off unless asked for: it
+  needs a control API the emulator lacks and plain buckets do not use.
+  """
+  os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+  host = os.environ.get("STORAGE_EMULATOR_HOST")
+  if host:
+    os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", host)
+    os.environ.setdefault("CLOUD_STORAGE_EMULATOR_ENDPOINT", host)  # ArrayRecord's client
+
+
+configure_gcs_clients()
+
+
+def is_remote(p: PathLike) -> bool:
+  return "://" in os.fspath(p)
+
+
+def path(p: PathLike) -> epath.Path:
+  """`p` as an epath.Path: absolute when local, unchanged when a URL (gs://...)."""
+  if isinstance(p, epath.Path) and is_remote(p):
+    return p
+  s = os.fspath(p)
+  if not s:
+    raise ValueError("An empty path was given where a file or folder is needed.")
+  return epath.Path(s if is_remote(s) else os.path.abspath(os.path.expanduser(s)))
+
+
+def _transient(e: BaseException) -> bool:
+  if isinstance(e, (ConnectionError, TimeoutError)):
+    return True
+  status = getattr(e, "code", None) or getattr(e, "status", None)
+  if isinstance(status, int):
+    return status == 429 or 500 <= status < 600
+  text = str(e)
+  return any(s in text for s in ("429", "503", "502", "500 ", "Connection reset",
+                                 "ServerDisconnected", "timed out"))
+
+
+def retry(fn: Callable[[], T], what: str) -> T:
+  """fn() retried with exponential backoff (0.5, 1, 2 s + jitter) on transient errors."""
+  for attempt in range(_RETRIES):
+    try:
+      return fn()
+    except Exception as e:  # pylint: disable=broad-except
+      if attempt == _RETRIES - 1 or not _transient(e):
+        raise
+      delay = 0.5 * 2 ** attempt * (1 + random.random())
+      from absl import logging  # pylint: disable=import-outside-toplevel
+      logging.warning("%s failed (%s); retrying in %.1f s.", what, e, delay)
+      time.sleep(delay)
+  raise AssertionError("unreachable")
+
+
+def makedirs(p: PathLike) -> epath.Path:
+  d = path(p)
+  retry(lambda: d.mkdir(parents=True, exist_ok=True), f"creating {d}")
+  return d
+
+
+def write_bytes(p: PathLike, data: bytes) -> epath.Path:
+  """Replaces the file at `p` with `data` as one step (readers see old or new, whole)."""
+  target = path(p)
+  if is_remote(target):
+    retry(lambda: target.write_bytes(data), f"writing {target}")
+    return target
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
+  tmp.write_bytes(data)
+  os.replace(tmp, target)
+  return target
+
+
+def write_text(p: PathLike, text: str) -> epath.Path:
+  return write_bytes(p, text.encode("utf-8"))
+
+
+def read_bytes(p: PathLike) -> bytes:
+  src = path(p)
+  return retry(src.read_bytes, f"reading {src}")
+
+
+def read_text(p: PathLike) -> str:
+  return read_bytes(p).decode("utf-8")
+
+
+def exists(p: PathLike) -> bool:
+  target = path(p)
+  return retry(target.exists, f"checking {target}")
+
+
+def isdir(p: PathLike) -> bool:
+  target = path(p)
+  return retry(target.is_dir, f"checking {target}")
+
+
+def save_npz(p: PathLike, **arrays) -> epath.Path:
+  """np.savez to any path (arrays only; loaded back with allow_pickle=False)."""
+  buf = io.BytesIO()
+  np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+  return write_bytes(p, buf.getvalue())
+
+
+def load_npz(p: PathLike) -> dict[str, np.ndarray]:
+  """Every array of an .npz; object (pickled) arrays are refused by numpy."""
+  with np.load(io.BytesIO(read_bytes(p)), allow_pickle=False) as f:
+    return {k: f[k] for k in f.files}
+
+
+def save_figure(fig, p: PathLike, dpi: int = 100) -> str:
+  """A matplotlib figure as PNG at `p`; returns the path as a string."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=dpi)
+  return os.fspath(write_bytes(p, buf.getvalue()))
+
+
+class StorageError(OSError):
+  """A workdir or data path that cannot be used (the message says why and what to do)."""
+
+
+def check_writable(p: PathLike, role: str = "--workdir") -> epath.Path:
+  """Creates folder `p` and writes/deletes a probe object; StorageError explains failures.
+
+  Run before anything compiles, so a missing bucket, missing credentials or a denied
+  permission cost seconds, not a compile.
+  """
+  d = path(p)
+  probe = d / f".write_probe_{os.getpid()}"
+  try:
+    makedirs(d)
+    write_bytes(probe, b"ok")
+    retry(probe.unlink, f"deleting {probe}")
+  except Exception as e:  # pylint: disable=broad-except
+    raise StorageError(f"{role}={os.fspath(p)} is not writable: {explain(e, d)}") from None
+  return d
+
+
+def explain(e: BaseException, p: PathLike) -> str:
+  """One line on why storage access to `p` failed, and the fix."""
+  text = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+  if not is_remote(p):
+    return f"{text}. Choose a folder you can write to."
+  bucket = os.fspath(p).split("://", 1)[1].split("/", 1)[0]
+  low = text.lower()
+  if isinstance(e, FileNotFoundError) or "404" in low or "not found" in low:
+    return (f"{text}. Check that the bucket gs://{bucket} exists (`gcloud storage "
+            f"buckets create gs://{bucket}`).")
+  if isinstance(e, PermissionError) or "403" in low or "401" in low or "permission" in low:
+    return (f"{text}. The account in use lacks access to gs://{bucket}: grant it "
+            "roles/storage.objectUser on the bucket.")
+  if "credential" in low or "token" in low or "auth" in low:
+    return (f"{text}. No Google Cloud credentials were found: run `gcloud auth "
+            "application-default login`, or run on a VM with a service account.")
+  return f"{text}. Check the bucket name, network access and credentials."
