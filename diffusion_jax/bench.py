@@ -139,8 +139,8 @@ def main(argv):
   for k, v in result.items():
     print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
   if FLAGS.json:
-    with open(FLAGS.json, "w") as f:
-      json.dump(result, f, indent=1)
+    from diffusion_jax import paths  # pylint: disable=import-outside-toplevel
+    paths.write_text(FLAGS.json, json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

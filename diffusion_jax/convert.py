@@ -23,6 +23,7 @@ import numpy as np
 from flax import traverse_util
 
 from diffusion_jax.models import init_params
+from diffusion_jax import paths
 from diffusion_jax import torch_archive
 
 _CONV1D = ("qkv", "proj_out")  # Conv1d(k=1) in PyTorch, Dense in Flax
@@ -149,8 +150,7 @@ _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
   """Tensors of a .safetensors file (a JSON header and raw little-endian buffers)."""
-  with open(path, "rb") as f:
-    data = f.read()
+  data = paths.read_bytes(path)
   if len(data) < 8:
     raise ValueError(f"{path} is too short to be a safetensors file.")
   (header_len,) = struct.unpack("<Q", data[:8])
@@ -183,21 +183,19 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], path: str) -> None:
     offset += len(blob)
     blobs.append(blob)
   head = json.dumps(header).encode()
-  with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+  paths.write_bytes(path, struct.pack("<Q", len(head)) + head + b"".join(blobs))
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """A state_dict of float32 numpy arrays from .pt/.pth (torch zip format, read by a
   restricted unpickler), .safetensors or .npz."""
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise FileNotFoundError(f"No checkpoint file at {path}.")
   ext = os.path.splitext(path)[1].lower()
   if ext == ".safetensors":
     return read_safetensors(path)
   if ext == ".npz":
-    with np.load(path, allow_pickle=False) as z:
-      return {k: z[k] for k in z.files}
+    return paths.load_npz(path)
   if ext in (".pt", ".pth", ".bin", ".ckpt"):
     sd = torch_archive.load(path)  # restricted unpickler: arrays only, no torch needed
     if not isinstance(sd, Mapping) or not all(isinstance(v, np.ndarray) for v in sd.values()):
@@ -223,8 +221,7 @@ def convert_checkpoint(path: str, config, workdir: str) -> int:
   """
   from diffusion_jax import checkpoints, config_lib, train  # pylint: disable=import-outside-toplevel
   config_lib.validate_config(config)
-  if os.path.isdir(checkpoints.checkpoint_dir(workdir)) and os.listdir(
-      checkpoints.checkpoint_dir(workdir)):
+  if checkpoints.checkpoint_steps(workdir):
     raise FileExistsError(f"{workdir} already holds checkpoints; convert into a new workdir.")
   model, _, tx, sampler = config_lib.build(config)
   params = torch_to_flax(read_state_dict(path), model)
@@ -232,7 +229,7 @@ def convert_checkpoint(path: str, config, workdir: str) -> int:
   step = step_from_filename(path)
   state = state.replace(params=params, ema_params=[params] * len(config.optim.ema_rates),
                         opt_state=tx.init(params), step=np.int32(step))
-  os.makedirs(workdir, exist_ok=True)
+  paths.check_writable(workdir)
   manager = checkpoints.create_manager(workdir, config)
   checkpoints.save(manager, step, state, {}, config)
   manager.wait_until_finished()

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from diffusion_jax import checkpoints
 from diffusion_jax import config_lib
 from diffusion_jax import input_pipeline
+from diffusion_jax import paths
 from diffusion_jax import samplers
 from diffusion_jax import train
 from diffusion_jax import weighting as weighting_lib
@@ -69,7 +70,7 @@ def validate_eval_config(config, compare_mode: bool = False) -> None:
   if min(e.num_samples, e.num_reference) <= 3:
     raise ValueError("config.eval.num_samples and num_reference must exceed 3 (k=3 "
                      "precision/recall); FID needs hundreds to mean much.")
-  if e.reference_npz and not os.path.isfile(e.reference_npz):
+  if e.reference_npz and not paths.exists(e.reference_npz):
     raise ValueError(f"config.eval.reference_npz={e.reference_npz!r} does not exist.")
   if compare_mode:
     names = _names(config.compare.weightings)
@@ -127,15 +128,14 @@ def reference_statistics(config, inception, cache_dir: str) -> dict:
   if e.reference_npz:
     return metrics.load_reference(e.reference_npz, inception)
   name = d.dataset.replace(":", "_").replace("/", "_")
-  path = os.path.join(cache_dir, f"reference_{name}_{d.image_size}px_{d.split}_"
+  path = os.fspath(paths.path(cache_dir) / f"reference_{name}_{d.image_size}px_{d.split}_"
                       f"{e.num_reference}.npz")
-  if os.path.exists(path):
+  if paths.exists(path):
     return metrics.load_reference(path)
   tqdm.write(f"Reference statistics: {e.num_reference} {d.dataset} images → {path}")
   images, _ = data_images(d, e.num_reference, e.seed)
   ref = metrics.reference_from_features(inception.features_uint8(images),
                                         f"{d.dataset} {d.split} ({e.num_reference} images)")
-  os.makedirs(cache_dir, exist_ok=True)
   metrics.save_reference(ref, path)
   return ref
 
@@ -166,7 +166,7 @@ def _quality(images, inception, reference) -> dict:
 def evaluate_runs(runs: list[Run], config, out_dir: str, cache_dir: str) -> dict:
   """Every analysis of config.eval over `runs`; writes PNG + JSON into out_dir."""
   e = config.eval
-  os.makedirs(out_dir, exist_ok=True)
+  out = paths.makedirs(out_dir)
   inception = inception_lib.FIDInception.load(e.inception_path or None)
   reference = reference_statistics(config, inception, cache_dir)
   report = {"reference": {"source": reference["source"], "n": int(reference["n"])},
@@ -182,7 +182,7 @@ def evaluate_runs(runs: list[Run], config, out_dir: str, cache_dir: str) -> dict
       r.model, r.diffusion, r.params, held_out, key, e.x0_buckets,
       labels=held_labels if r.config.model.class_cond else None) for r in runs}
   report["x0_error"] = x0
-  report["files"]["x0_error"] = analysis.plot_x0_error(x0, os.path.join(out_dir, "x0_error.png"))
+  report["files"]["x0_error"] = analysis.plot_x0_error(x0, out / "x0_error.png")
 
   tqdm.write(f"Colour shift: {e.colour_num_samples} {e.colour_sampler} samples per step count")
   data_for_colour, _ = data_images(runs[0].config.data, max(e.num_reference, 2), e.seed)
@@ -194,9 +194,9 @@ def evaluate_runs(runs: list[Run], config, out_dir: str, cache_dir: str) -> dict
     colour[r.label] = analysis.colour_shift(strips[r.label], data_for_colour)
   report["colour_shift"] = {"sampler": e.colour_sampler, "tables": colour}
   report["files"]["colour_strip"] = analysis.plot_colour_strip(
-      strips, os.path.join(out_dir, "colour_strip.png"))
+      strips, out / "colour_strip.png")
   report["files"]["colour_stats"] = analysis.plot_colour_stats(
-      colour, os.path.join(out_dir, "colour_stats.png"))
+      colour, out / "colour_stats.png")
 
   tqdm.write(f"FID against sampling steps: {e.num_samples} samples per point")
   fid = {}
@@ -210,7 +210,7 @@ def evaluate_runs(runs: list[Run], config, out_dir: str, cache_dir: str) -> dict
         tqdm.write(f"  {r.label} {sampler}-{s}: FID {fid[r.label][sampler][s]['fid']:.2f}")
   report["fid_vs_steps"] = fid
   report["files"]["fid_vs_steps"] = analysis.plot_fid_vs_steps(
-      fid, os.path.join(out_dir, "fid_vs_steps.png"))
+      fid, out / "fid_vs_steps.png")
 
   if e.train_curve:
     sampler = _names(e.samplers)[0]
@@ -225,10 +225,14 @@ def evaluate_runs(runs: list[Run], config, out_dir: str, cache_dir: str) -> dict
     report["fid_vs_train_step"] = {"sampler": sampler, "steps": e.train_curve_steps,
                                    "curve": curve}
     report["files"]["fid_vs_train_step"] = analysis.plot_fid_vs_train_step(
-        curve, os.path.join(out_dir, "fid_vs_train_step.png"),
+        curve, out / "fid_vs_train_step.png",
         f"{sampler}-{e.train_curve_steps}")
-  analysis.write_json(report, os.path.join(out_dir, "evaluation.json"))
+  analysis.write_json(report, out / "evaluation.json")
   return report
+
+
+def _join(base, *parts) -> str:
+  return os.fspath(paths.path(base).joinpath(*parts))
 
 
 def evaluate_workdir(config, workdir: str) -> dict:
@@ -237,7 +241,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
   validate_eval_config(config)
   saved = checkpoints.saved_config_matching(workdir, config)
   run = load_run(workdir, saved.diffusion.weighting, config.eval.ema_rate)
-  return evaluate_runs([run], config, os.path.join(workdir, "eval"), workdir)
+  return evaluate_runs([run], config, _join(workdir, "eval"), workdir)
 
 
 def _trained_run_config(config, name: str):
@@ -322,10 +326,9 @@ def write_report(report: dict, config, path: str) -> str:
     lines.append(f"| {label} | " + " | ".join(f"{v:.4f}" for v in x0[label]["x0_mse"]) + " |")
   lines += ["", "## Plots", ""]
   for name, file in report["files"].items():
-    lines.append(f"![{name}]({os.path.relpath(file, os.path.dirname(path))})")
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  return path
+    base = os.fspath(paths.path(path).parent) + "/"
+    lines.append(f"![{name}]({file[len(base):] if file.startswith(base) else file})")
+  return os.fspath(paths.write_text(path, "\n".join(lines) + "\n"))
 
 
 def compare(config, workdir: str) -> dict:
@@ -335,9 +338,9 @@ def compare(config, workdir: str) -> dict:
   names = _names(config.compare.weightings)
   for name in names:
     sub = _trained_run_config(config, name)
-    _train_or_reuse(sub, os.path.join(workdir, "runs", name), name)
-  runs = [load_run(os.path.join(workdir, "runs", n), n, config.eval.ema_rate) for n in names]
-  report = evaluate_runs(runs, config, os.path.join(workdir, "compare"), workdir)
-  report["files"]["report"] = write_report(report, config, os.path.join(workdir, "report.md"))
-  analysis.write_json(report, os.path.join(workdir, "report.json"))
+    _train_or_reuse(sub, _join(workdir, "runs", name), name)
+  runs = [load_run(_join(workdir, "runs", n), n, config.eval.ema_rate) for n in names]
+  report = evaluate_runs(runs, config, _join(workdir, "compare"), workdir)
+  report["files"]["report"] = write_report(report, config, _join(workdir, "report.md"))
+  analysis.write_json(report, _join(workdir, "report.json"))
   return report

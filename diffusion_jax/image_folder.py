@@ -14,11 +14,15 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import struct
+import tempfile
 
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
+
+from diffusion_jax import paths
 
 EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 METADATA = "dataset.json"
@@ -27,14 +31,14 @@ FORMAT = "diffusion_jax.image_folder.v1"
 
 
 def list_image_files(directory: str) -> list[str]:
-  """Image files under `directory`, recursively, each folder's entries in sorted order."""
+  """Image files under `directory` (local or gs://), recursively, each folder's entries
+  in sorted order."""
   out = []
-  for entry in sorted(os.listdir(directory)):
-    path = os.path.join(directory, entry)
-    if os.path.isdir(path):
-      out.extend(list_image_files(path))
-    elif "." in entry and entry.rsplit(".", 1)[-1].lower() in EXTENSIONS:
-      out.append(path)
+  for path in sorted(paths.path(directory).iterdir(), key=lambda p: p.name):
+    if path.is_dir():
+      out.extend(list_image_files(os.fspath(path)))
+    elif "." in path.name and path.name.rsplit(".", 1)[-1].lower() in EXTENSIONS:
+      out.append(os.fspath(path))
   return out
 
 
@@ -53,9 +57,8 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
 
 
 def load_rgb(path: str) -> Image.Image:
-  with open(path, "rb") as f:
-    img = Image.open(f)
-    img.load()
+  img = Image.open(io.BytesIO(paths.read_bytes(path)))
+  img.load()
   return img.convert("RGB")
 
 
@@ -80,21 +83,25 @@ def prepare_image_folder(image_dir: str, output_dir: str, image_size: int,
   """Writes the prepared dataset into `output_dir`; returns its summary (also saved).
 
   A file that cannot be decoded raises BadImageError naming it, unless
-  `skip_bad_files`, in which case it is skipped and counted.
+  `skip_bad_files`, in which case it is skipped and counted. Both folders may be
+  gs:// paths; a remote dataset is written locally first and then uploaded, and its
+  dataset.json, written last, marks it complete.
   """
   from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
-  if not os.path.isdir(image_dir):
+  if not paths.isdir(image_dir):
     raise FileNotFoundError(f"data.image_dir={image_dir!r} is not a folder.")
   files = list_image_files(image_dir)
   if not files:
     raise FileNotFoundError(f"No {'/'.join(EXTENSIONS)} files under {image_dir}.")
-  if os.path.exists(os.path.join(output_dir, METADATA)):
+  out = paths.path(output_dir)
+  if paths.exists(out / METADATA):
     raise FileExistsError(f"{output_dir} already holds a prepared dataset; remove it or choose "
                           "another data.data_dir.")
+  paths.check_writable(out, "data.data_dir")
   classes = sorted({os.path.basename(f).split("_")[0] for f in files}) if class_labels else []
   class_index = {c: i for i, c in enumerate(classes)}
-  os.makedirs(output_dir, exist_ok=True)
-  tmp_path = os.path.join(output_dir, RECORDS + ".tmp")
+  staging = tempfile.mkdtemp(prefix="prepare_") if paths.is_remote(out) else os.fspath(out)
+  tmp_path = os.path.join(staging, RECORDS + ".tmp")
   writer = array_record_module.ArrayRecordWriter(tmp_path, "group_size:1")
   written, skipped = 0, []
   try:
@@ -115,13 +122,26 @@ def prepare_image_folder(image_dir: str, output_dir: str, image_size: int,
   if written == 0:
     os.remove(tmp_path)
     raise BadImageError(f"None of the {len(files)} files under {image_dir} could be read.")
-  os.replace(tmp_path, os.path.join(output_dir, RECORDS))
-  summary = {"format": FORMAT, "source": os.path.abspath(image_dir), "image_size": image_size,
-             "num_records": written, "num_skipped": len(skipped), "skipped": skipped,
-             "classes": classes}
-  with open(os.path.join(output_dir, METADATA), "w") as f:
-    json.dump(summary, f, indent=1)
+  if paths.is_remote(out):
+    _upload(tmp_path, out / RECORDS)
+    shutil.rmtree(staging)
+  else:
+    os.replace(tmp_path, os.fspath(out / RECORDS))
+  summary = {"format": FORMAT, "source": os.fspath(paths.path(image_dir)),
+             "image_size": image_size, "num_records": written, "num_skipped": len(skipped),
+             "skipped": skipped, "classes": classes}
+  paths.write_text(out / METADATA, json.dumps(summary, indent=1))
   return summary
+
+
+def _upload(local: str, remote) -> None:
+  """Copies a local file to `remote` (gs://) in chunks, with a progress bar."""
+  size = os.path.getsize(local)
+  with open(local, "rb") as src, paths.path(remote).open("wb") as dst, tqdm(
+      total=size, unit="B", unit_scale=True, desc=f"upload {remote.name}") as bar:
+    while chunk := src.read(16 << 20):
+      dst.write(chunk)
+      bar.update(len(chunk))
 
 
 class PreparedFolderSource:
@@ -129,17 +149,17 @@ class PreparedFolderSource:
 
   def __init__(self, data_dir: str, image_size: int):
     import grain  # pylint: disable=import-outside-toplevel
-    meta_path = os.path.join(data_dir, METADATA)
-    if not os.path.exists(meta_path):
+    folder = paths.path(data_dir)
+    if not paths.exists(folder / METADATA):
       raise FileNotFoundError(
           f"No prepared dataset in data.data_dir={data_dir!r}. Prepare it once with "
           "--mode=prepare --config.data.image_dir=/path/to/images.")
-    with open(meta_path) as f:
-      self.metadata = json.load(f)
+    self.metadata = json.loads(paths.read_text(folder / METADATA))
     if self.metadata["image_size"] != image_size:
       raise ValueError(f"{data_dir} was prepared at {self.metadata['image_size']} px but "
                        f"data.image_size={image_size}; prepare it again at that size.")
-    self._records = grain.sources.ArrayRecordDataSource([os.path.join(data_dir, RECORDS)])
+    # ArrayRecord reads gs:// itself (its Google Cloud C++ client), record by record.
+    self._records = grain.sources.ArrayRecordDataSource([os.fspath(folder / RECORDS)])
 
   def __len__(self):
     return len(self._records)

@@ -5,6 +5,8 @@ import io
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 
 import numpy as np
@@ -43,16 +45,19 @@ class MetricWriter:
   """Scalars to WORKDIR/metrics.jsonl and TensorBoard; image grids to PNG and TensorBoard.
 
   metrics.jsonl holds one JSON row per step, in step order. Object stores cannot
-  append, so the writer keeps the rows and replaces the whole file at each `flush`
-  (the training loop flushes at checkpoints and at the end, and writes flush at most
-  every `flush_every_s`). Rows are merged by step. A resumed run passes the restored
+  append, so the writer keeps the rows and replaces the whole file at each `flush`:
+  the training loop flushes at checkpoints and at the end, and writes flush when
+  `flush_every_s` has passed (default: at every write for a local workdir, every 30 s
+  for gs://). Rows are merged by step. A resumed run passes the restored
   step as `resume_step`: rows logged after it, by a run that died before its next
   checkpoint, are dropped and logged again, so no step is repeated or out of order.
   """
 
   def __init__(self, workdir, enabled: bool = True, resume_step: int | None = None,
-               flush_every_s: float = 60.0):
+               flush_every_s: float | None = None):
     self.workdir, self.enabled = paths.path(workdir), enabled
+    if flush_every_s is None:
+      flush_every_s = 30.0 if paths.is_remote(self.workdir) else 0.0
     self._flush_every_s = flush_every_s
     self._rows: dict[int, dict] = {}
     self._tb = None
@@ -64,8 +69,12 @@ class MetricWriter:
         self._rows.setdefault(row["step"], {}).update(row)
     self._dirty = resume_step is not None
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    # TensorBoard events go to a local folder first when the workdir is remote: they are
+    # uploaded whole at each flush, like metrics.jsonl (no append on object stores).
+    self._tb_dir = (tempfile.mkdtemp(prefix="tensorboard_") if paths.is_remote(self.workdir)
+                    else os.fspath(self.workdir / "tensorboard"))
     # purge_step hides the events a dead run logged after the restored checkpoint.
-    self._tb = SummaryWriter(os.fspath(self.workdir / "tensorboard"), flush_secs=3600,
+    self._tb = SummaryWriter(self._tb_dir, flush_secs=3600,
                              purge_step=None if resume_step is None else resume_step + 1)
 
   def write_scalars(self, step: int, scalars: dict) -> None:
@@ -76,7 +85,7 @@ class MetricWriter:
     for k, v in scalars.items():
       self._tb.add_scalar(k, float(v), int(step))
     self._dirty = True
-    if time.monotonic() - self._last_flush > self._flush_every_s:
+    if time.monotonic() - self._last_flush >= self._flush_every_s:
       self.flush()
 
   def flush(self) -> None:
@@ -88,6 +97,10 @@ class MetricWriter:
       paths.write_text(self.workdir / METRICS_FILE, "".join(lines))
       self._dirty = False
     self._tb.flush()
+    if paths.is_remote(self.workdir):
+      for name in os.listdir(self._tb_dir):
+        with open(os.path.join(self._tb_dir, name), "rb") as f:
+          paths.write_bytes(self.workdir / "tensorboard" / name, f.read())
     self._last_flush = time.monotonic()
 
   def write_image_grid(self, step: int, images: np.ndarray, final: bool = False) -> str:
@@ -106,6 +119,9 @@ class MetricWriter:
     if self._tb is not None:
       self.flush()
       self._tb.close()
+      if paths.is_remote(self.workdir):
+        shutil.rmtree(self._tb_dir, ignore_errors=True)
+      self._tb = None
 
 
 def read_metrics(workdir) -> list[dict]:

@@ -13,6 +13,8 @@ import zipfile
 
 import numpy as np
 
+from diffusion_jax import paths
+
 _STORAGE_DTYPES = {
     "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
     "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
@@ -82,11 +84,17 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def load(path: str):
-  """The object graph stored in a torch zip archive, with tensors as numpy arrays."""
-  if not zipfile.is_zipfile(path):
-    raise ValueError(f"{path} is not a torch zip archive (torch ≥ 1.6 format). Re-save it with "
-                     "torch.save, or export the weights as .safetensors or .npz.")
-  with zipfile.ZipFile(path) as archive:
+  """The object graph stored in a torch zip archive (local or gs://), with tensors as
+  numpy arrays."""
+  with paths.path(path).open("rb") as file:
+    if not zipfile.is_zipfile(file):
+      raise ValueError(f"{path} is not a torch zip archive (torch ≥ 1.6 format). Re-save it "
+                       "with torch.save, or export the weights as .safetensors or .npz.")
+    return _load_archive(file, path)
+
+
+def _load_archive(file, path: str):
+  with zipfile.ZipFile(file) as archive:
     pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
     if len(pickles) != 1:
       raise ValueError(f"{path}: expected exactly one */data.pkl in the archive, found {pickles}.")

@@ -12,11 +12,13 @@ module computes and draws. Images are NHWC; uint8 unless stated.
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import paths
 from diffusion_jax import reporting
 
 
@@ -27,18 +29,17 @@ def _pyplot():
   return plt
 
 
-def _save(fig, path: str, dpi: int = 100) -> str:
+def _save(fig, path, dpi: int = 100) -> str:
   plt = _pyplot()
   fig.tight_layout()
-  fig.savefig(path, dpi=dpi)
+  path = paths.save_figure(fig, path, dpi=dpi)
   plt.close(fig)
   return path
 
 
-def write_json(obj, path: str) -> str:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=1, default=lambda o: np.asarray(o).tolist())
-  return path
+def write_json(obj, path) -> str:
+  text = json.dumps(obj, indent=1, default=lambda o: np.asarray(o).tolist())
+  return os.fspath(paths.write_text(path, text))
 
 
 # --- 1. x0 error per timestep ---------------------------------------------------------

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import paths
+
 
 def feature_statistics(features) -> dict:
   """{"mu": (D,), "sigma": (D, D), "n": N} in float64 (sigma with N−1, like np.cov)."""
@@ -113,7 +115,7 @@ def reference_from_features(features: dict, source: str = "") -> dict:
 
 def save_reference(reference: dict, path: str) -> None:
   """Writes reference statistics as .npz (the keys guided-diffusion's evaluator uses)."""
-  np.savez(path, **{k: np.asarray(v) for k, v in reference.items()})
+  paths.save_npz(path, **reference)
 
 
 def load_reference(path: str, inception=None) -> dict:
@@ -124,8 +126,7 @@ def load_reference(path: str, inception=None) -> dict:
   statistics, when a file has only images). Pickled objects are refused.
   """
   try:
-    with np.load(path, allow_pickle=False) as f:
-      data = {k: f[k] for k in f.files}
+    data = paths.load_npz(path)
   except (OSError, ValueError) as e:
     raise ValueError(f"Cannot read reference statistics {path}: {e}. Pass an .npz with "
                      "mu/sigma (and mu_s/sigma_s) or arr_0 images.") from None

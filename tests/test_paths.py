@@ -1,0 +1,94 @@
+"""The path layer: local and gs:// paths (against a local GCS emulator), retries, clear
+storage errors, and the metrics file that works without append."""
+import os
+
+import numpy as np
+import pytest
+
+from diffusion_jax import paths, reporting
+
+
+def test_local_paths_are_absolute_and_urls_are_kept(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert os.fspath(paths.path("runs/a")) == str(tmp_path / "runs" / "a")
+  assert os.fspath(paths.path("gs://bucket/runs/a")) == "gs://bucket/runs/a"
+  assert os.fspath(paths.path("gs://bucket/runs") / "a") == "gs://bucket/runs/a"
+  with pytest.raises(ValueError, match="empty path"):
+    paths.path("")
+
+
+def test_write_bytes_replaces_whole_files_locally(tmp_path):
+  target = tmp_path / "sub" / "f.json"
+  paths.write_text(target, "one")
+  paths.write_text(target, "two")
+  assert target.read_text() == "two"
+  assert sorted(p.name for p in target.parent.iterdir()) == ["f.json"]  # no temp left
+
+
+def test_retry_retries_transient_errors_only(monkeypatch):
+  monkeypatch.setattr(paths.time, "sleep", lambda s: None)
+  calls = []
+
+  def flaky():
+    calls.append(1)
+    if len(calls) < 3:
+      raise ConnectionResetError("Connection reset by peer")
+    return "ok"
+
+  assert paths.retry(flaky, "test") == "ok" and len(calls) == 3
+
+  def missing():
+    calls.append(1)
+    raise FileNotFoundError("gs://b/x")
+
+  calls.clear()
+  with pytest.raises(FileNotFoundError):
+    paths.retry(missing, "test")
+  assert len(calls) == 1
+
+  class Http503(OSError):
+    code = 503
+
+  def always_503():
+    calls.append(1)
+    raise Http503("Service Unavailable")
+
+  calls.clear()
+  with pytest.raises(Http503):
+    paths.retry(always_503, "test")
+  assert len(calls) == paths._RETRIES  # pylint: disable=protected-access
+
+
+def test_gs_files_round_trip_through_the_emulator(bucket, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  root = paths.path(f"{bucket}/run")
+  paths.write_text(root / "a" / "note.txt", "hello")
+  assert paths.read_text(f"{bucket}/run/a/note.txt") == "hello"
+  assert paths.exists(root / "a" / "note.txt") and paths.isdir(root / "a")
+  paths.save_npz(root / "x.npz", arr_0=np.arange(6).reshape(2, 3))
+  np.testing.assert_array_equal(paths.load_npz(root / "x.npz")["arr_0"],
+                                np.arange(6).reshape(2, 3))
+  assert not (tmp_path / "gs:").exists()
+
+
+def test_a_missing_bucket_is_one_clear_error(gcs):
+  with pytest.raises(paths.StorageError, match="no-such-bucket.*exists"):
+    paths.check_writable("gs://no-such-bucket/run")
+
+
+def test_metrics_are_rewritten_whole_and_a_resume_drops_steps_after_the_checkpoint(bucket):
+  workdir = f"{bucket}/metrics"
+  writer = reporting.MetricWriter(workdir, resume_step=0, flush_every_s=0)
+  for step in (0, 2, 4, 6):
+    writer.write_scalars(step, {"loss": float(step)})
+  writer.close()
+  assert [r["step"] for r in reporting.read_metrics(workdir)] == [0, 2, 4, 6]
+  # A run restored at step 4 logs steps 4 and 6 again, and a compile time at step 4.
+  writer = reporting.MetricWriter(workdir, resume_step=4, flush_every_s=0)
+  writer.write_scalars(4, {"compile_s": 1.0})
+  writer.write_scalars(6, {"loss": 60.0})
+  writer.close()
+  rows = reporting.read_metrics(workdir)
+  assert [r["step"] for r in rows] == [0, 2, 4, 6]
+  assert rows[2] == {"step": 4, "loss": 4.0, "compile_s": 1.0}
+  assert rows[3] == {"step": 6, "loss": 60.0}
