@@ -5,6 +5,7 @@
 Config fields are overridden with --config.SECTION.FIELD=VALUE.
 """
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -30,6 +31,17 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+  from diffusion_jax import paths  # pylint: disable=import-outside-toplevel
+  try:
+    _run_mode()
+  except paths.StorageError as e:  # a bucket or folder that cannot be used: one line
+    if FLAGS["verbosity"].present:
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _run_mode():
   from diffusion_jax import distributed  # pylint: disable=import-outside-toplevel
   c = FLAGS.config
   distributed.split_host_cpu(

@@ -80,3 +80,58 @@ class GcsEmulator:
       token = page.get("nextPageToken")
       if not token:
         return names
+
+
+class FlakyProxy:
+  """An HTTP proxy in front of the emulator that answers every `every`-th request with
+  HTTP 503 (or 429) instead of forwarding it: transient errors, as a busy bucket gives."""
+
+  def __init__(self, target: str, every: int = 5, status: int = 503):
+    import http.client  # pylint: disable=import-outside-toplevel
+    import http.server  # pylint: disable=import-outside-toplevel
+    import threading  # pylint: disable=import-outside-toplevel
+    host, port = target[len("http://"):].split(":")
+    lock, proxy = threading.Lock(), self
+    self.requests = self.failed = 0
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      protocol_version = "HTTP/1.1"
+
+      def log_message(self, *args):  # quiet
+        pass
+
+      def _forward(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        with lock:
+          proxy.requests += 1
+          fail = proxy.requests % every == 0
+          proxy.failed += fail
+        if fail:
+          self.send_response(status)
+          self.send_header("Content-Length", "0")
+          self.end_headers()
+          return
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+        conn.request(self.command, self.path, body=body, headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+        self.send_response(response.status)
+        for k, v in response.getheaders():
+          if k.lower() not in ("transfer-encoding", "content-length", "connection"):
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        conn.close()
+
+      do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _forward
+
+    self._server = http.server.ThreadingHTTPServer(("127.0.0.1", _free_port()), Handler)
+    self.url = f"http://localhost:{self._server.server_address[1]}"
+    self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+    self._thread.start()
+
+  def close(self) -> None:
+    self._server.shutdown()
+    self._server.server_close()

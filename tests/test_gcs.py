@@ -17,6 +17,7 @@ from PIL import Image
 from diffusion_jax import checkpoints, evaluate, image_folder, input_pipeline, paths
 from diffusion_jax import reporting, train
 from tests import tiny_config
+from tests.gcs_emulator import FlakyProxy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -167,7 +168,7 @@ def test_gs_run_killed_after_a_checkpoint_resumes_bitwise_equal_to_a_local_run(
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   while time.time() < deadline and not any(
-      n.endswith("commit_success.txt") for n in _objects(gcs, workdir)):
+      re.fullmatch(r"checkpoints/\d+/commit_success.txt", n) for n in _objects(gcs, workdir)):
     time.sleep(0.1)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
@@ -182,6 +183,27 @@ def test_gs_run_killed_after_a_checkpoint_resumes_bitwise_equal_to_a_local_run(
   steps = [r["step"] for r in reporting.read_metrics(workdir)]
   assert steps == sorted(set(steps)) and steps[-1] == 12
   assert not (tmp_path / "gs:").exists()
+
+
+@pytest.mark.slow
+def test_transient_http_errors_are_retried(gcs, gs_run, tmp_path):
+  """Every 4th request to the bucket answered HTTP 503: the run still trains, checkpoints
+  and ends bitwise equal to the same run without errors."""
+  workdir, _, state, _ = gs_run
+  bucket = gcs.create_bucket("flaky")
+  proxy = FlakyProxy(gcs.url, every=4)
+  try:
+    env = _env(gcs, STORAGE_EMULATOR_HOST=proxy.url, TENSORSTORE_GCS_HTTP_URL=proxy.url)
+    run = subprocess.run(
+        _cli(f"{bucket}/run", "--config.train.num_steps=4", "--config.train.checkpoint_every=2",
+             "--config.train.log_every=1", "--cpu_devices=1"),
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+  finally:
+    proxy.close()
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert proxy.failed >= 10, (proxy.requests, proxy.failed)
+  _assert_trees_equal(train.load_checkpoint(f"{bucket}/run"), state)
+  assert checkpoints.checkpoint_steps(f"{bucket}/run") == [2, 4]
 
 
 @pytest.mark.slow

@@ -25,40 +25,6 @@ def test_write_bytes_replaces_whole_files_locally(tmp_path):
   assert sorted(p.name for p in target.parent.iterdir()) == ["f.json"]  # no temp left
 
 
-def test_retry_retries_transient_errors_only(monkeypatch):
-  monkeypatch.setattr(paths.time, "sleep", lambda s: None)
-  calls = []
-
-  def flaky():
-    calls.append(1)
-    if len(calls) < 3:
-      raise ConnectionResetError("Connection reset by peer")
-    return "ok"
-
-  assert paths.retry(flaky, "test") == "ok" and len(calls) == 3
-
-  def missing():
-    calls.append(1)
-    raise FileNotFoundError("gs://b/x")
-
-  calls.clear()
-  with pytest.raises(FileNotFoundError):
-    paths.retry(missing, "test")
-  assert len(calls) == 1
-
-  class Http503(OSError):
-    code = 503
-
-  def always_503():
-    calls.append(1)
-    raise Http503("Service Unavailable")
-
-  calls.clear()
-  with pytest.raises(Http503):
-    paths.retry(always_503, "test")
-  assert len(calls) == paths._RETRIES  # pylint: disable=protected-access
-
-
 def test_gs_files_round_trip_through_the_emulator(bucket, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   root = paths.path(f"{bucket}/run")
