@@ -12,7 +12,7 @@ with exponential backoff inside each client (gcsfs: 6 attempts; TensorStore; the
 client); tests/test_gcs.py trains through a proxy that fails every 4th request.
 
 The GCS emulator is honoured as the usual variables name it: STORAGE_EMULATOR_HOST
-(gcsfs, google-cloud-storage) and TENSORSTORE_GCS_HTTP_URL (TensorStore). When only
+(gcsfs) and TENSORSTORE_GCS_HTTP_URL (TensorStore). When only
 STORAGE_EMULATOR_HOST is set, the other clients are pointed at the same server.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ import io
 import os
 from typing import Union
 
+import fsspec.config
 import numpy as np
 from etils import epath
 
@@ -28,12 +29,15 @@ PathLike = Union[str, os.PathLike]
 
 
 def configure_gcs_clients() -> None:
-  """Environment for the three GCS clients (idempotent; runs on import).
+  """Settings for the three GCS clients (idempotent; runs on import).
 
   gcsfs's experimental zonal/hierarchical-bucket probing is off unless asked for: it
   needs a control API the emulator lacks and plain buckets do not use.
   """
   os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+  # Other processes write the same workdir (the trainer, other hosts, TensorStore), so
+  # folder listings must not be cached: a stale one hides new checkpoints.
+  fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
   host = os.environ.get("STORAGE_EMULATOR_HOST")
   if host:
     os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", host)

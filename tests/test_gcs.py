@@ -149,7 +149,9 @@ def _cli(workdir, *overrides):
 
 def _env(gcs, **extra):
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-             JAX_DISABLE_MOST_OPTIMIZATIONS="true", **gcs.env, **extra)
+             JAX_DISABLE_MOST_OPTIMIZATIONS="true")
+  env.update(gcs.env)
+  env.update(extra)
   env.pop("CLOUD_STORAGE_EMULATOR_ENDPOINT", None)  # only the two documented variables
   return env
 
