@@ -15,6 +15,7 @@ import json
 import os
 import re
 import struct
+import zipfile
 from typing import Mapping
 
 import jax
@@ -149,27 +150,57 @@ _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """Tensors of a .safetensors file (a JSON header and raw little-endian buffers)."""
+  """Tensors of a .safetensors file (a JSON header and raw little-endian buffers).
+
+  Every header entry is checked against the file: known dtype, non-negative shape,
+  offsets inside the data and exactly shape × itemsize bytes; anything else is a
+  ValueError naming the file and the tensor.
+  """
   data = paths.read_bytes(path)
   if len(data) < 8:
     raise ValueError(f"{path} is too short to be a safetensors file.")
   (header_len,) = struct.unpack("<Q", data[:8])
+  if header_len > len(data) - 8:
+    raise ValueError(f"{path}: its header claims {header_len} bytes but the file has "
+                     f"{len(data) - 8}; the file is truncated or not safetensors.")
   try:
     header = json.loads(data[8:8 + header_len])
   except ValueError as e:
     raise ValueError(f"{path} has no valid safetensors header: {e}") from None
+  if not isinstance(header, dict):
+    raise ValueError(f"{path}: the safetensors header is not a JSON object.")
   base = 8 + header_len
   out = {}
   for name, info in header.items():
     if name == "__metadata__":
       continue
-    if info["dtype"] not in _SAFETENSORS_DTYPES:
-      raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}.")
+    problem = _safetensors_entry_problem(info, len(data) - base)
+    if problem:
+      raise ValueError(f"{path}: tensor {name!r} {problem}; the file is damaged or crafted.")
     start, end = info["data_offsets"]
     arr = np.frombuffer(data[base + start:base + end],
                         dtype=np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<"))
     out[name] = arr.reshape(info["shape"]).astype(arr.dtype.newbyteorder("="))
   return out
+
+
+def _safetensors_entry_problem(info, data_len: int) -> str | None:
+  if not isinstance(info, dict):
+    return "has no dtype/shape/data_offsets record"
+  dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+  if dtype not in _SAFETENSORS_DTYPES:
+    return f"has unsupported dtype {dtype!r}"
+  is_int = lambda x: isinstance(x, int) and not isinstance(x, bool)
+  if not (isinstance(shape, list) and all(is_int(n) and n >= 0 for n in shape)):
+    return f"has an invalid shape {shape!r}"
+  if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_int, offsets))
+          and 0 <= offsets[0] <= offsets[1] <= data_len):
+    return f"has data offsets {offsets!r} outside the file's {data_len} data bytes"
+  expected = int(np.prod(shape, dtype=object)) * np.dtype(_SAFETENSORS_DTYPES[dtype]).itemsize
+  if offsets[1] - offsets[0] != expected:
+    return (f"holds {offsets[1] - offsets[0]} bytes but shape {shape} × {dtype} needs "
+            f"{expected}")
+  return None
 
 
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: str) -> None:
@@ -195,7 +226,10 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   if ext == ".safetensors":
     return read_safetensors(path)
   if ext == ".npz":
-    return paths.load_npz(path)
+    try:
+      return paths.load_npz(path)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+      raise ValueError(f"{path} is not a readable .npz ({type(e).__name__}: {e}).") from None
   if ext in (".pt", ".pth", ".bin", ".ckpt"):
     sd = torch_archive.load(path)  # restricted unpickler: arrays only, no torch needed
     if not isinstance(sd, Mapping) or not all(isinstance(v, np.ndarray) for v in sd.values()):

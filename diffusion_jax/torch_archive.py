@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import collections
 import pickle
+import struct
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -34,13 +36,66 @@ class ScriptObject:
     return f"ScriptObject({self.typename})"
 
 
+_MAX_ELEMENTS = 2**31  # per tensor; far above any weights file's, far below a crash
+
+
+class _BadTensor:
+  """A tensor record that does not fit its storage; reported by name after loading."""
+
+  def __init__(self, reason: str):
+    self.reason = reason
+
+
+def _layout_problem(storage, offset, size, stride) -> str | None:
+  """Why (offset, size, stride) does not lie inside `storage`, or None when it does."""
+  if not isinstance(storage, np.ndarray):
+    return "it has no storage record"
+  ints = lambda xs: isinstance(xs, (tuple, list)) and all(
+      isinstance(x, int) and not isinstance(x, bool) for x in xs)
+  if not (ints([offset]) and ints(size) and ints(stride)) or len(size) != len(stride):
+    return f"malformed layout (offset {offset!r}, size {size!r}, stride {stride!r})"
+  if offset < 0 or min(size, default=0) < 0 or min(stride, default=0) < 0:
+    return f"negative offset, size or stride ({offset}, {tuple(size)}, {tuple(stride)})"
+  numel = int(np.prod(size, dtype=object)) if size else 1
+  if numel > _MAX_ELEMENTS:
+    return f"{numel} elements, more than the {_MAX_ELEMENTS} a tensor may have here"
+  if numel == 0:
+    return None if offset <= len(storage) else f"offset {offset} past its storage"
+  last = offset + sum((n - 1) * st for n, st in zip(size, stride))
+  if last >= len(storage):
+    return (f"offset {offset}, size {tuple(size)} and stride {tuple(stride)} reach element "
+            f"{last} of a storage of {len(storage)} elements")
+  return None
+
+
 def _rebuild_tensor(storage, offset, size, stride, *unused):
+  problem = _layout_problem(storage, offset, size, stride)
+  if problem:
+    return _BadTensor(problem)
   if not size:
     return storage[offset].copy()
+  if 0 in size:
+    return np.zeros(tuple(size), storage.dtype)
   itemsize = storage.dtype.itemsize
   view = np.lib.stride_tricks.as_strided(
       storage[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride))
   return np.ascontiguousarray(view)
+
+
+def _first_bad_tensor(obj, name: str = "", depth: int = 0):
+  """(name, reason) of the first _BadTensor in the loaded object graph, or None."""
+  if isinstance(obj, _BadTensor):
+    return name, obj.reason
+  if depth > 100:
+    return None
+  items = (obj.state.items() if isinstance(obj, ScriptObject) and hasattr(obj, "state")
+           else obj.items() if isinstance(obj, dict)
+           else enumerate(obj) if isinstance(obj, (list, tuple)) else ())
+  for key, value in items:
+    found = _first_bad_tensor(value, f"{name}.{key}" if name else str(key), depth + 1)
+    if found:
+      return found
+  return None
 
 
 class _StorageType:
@@ -74,13 +129,29 @@ class _RestrictedUnpickler(pickle.Unpickler):
         "state may appear in a weights file. Re-export the weights as .safetensors or .npz.")
 
   def persistent_load(self, pid):
+    if not (isinstance(pid, tuple) and len(pid) == 5):
+      raise pickle.UnpicklingError(f"Unsupported persistent record {pid!r}.")
     kind, storage_type, key, _location, numel = pid
     if kind != "storage" or not isinstance(storage_type, _StorageType):
       raise pickle.UnpicklingError(f"Unsupported persistent record {pid!r}.")
+    if not isinstance(numel, int) or numel < 0 or not isinstance(key, str):
+      raise pickle.UnpicklingError(f"Storage record {key!r} has an invalid size {numel!r}.")
     if key not in self._storages:
-      raw = self._archive.read(f"{self._prefix}/data/{key}")
-      self._storages[key] = np.frombuffer(raw, storage_type.dtype, count=int(numel))
-    return self._storages[key]
+      member = f"{self._prefix}/data/{key}"
+      try:
+        stored = self._archive.getinfo(member).file_size
+      except KeyError:
+        raise pickle.UnpicklingError(f"Storage {key!r} is missing from the archive.") from None
+      if stored != numel * storage_type.dtype.itemsize:
+        raise pickle.UnpicklingError(
+            f"Storage {key!r} holds {stored} bytes, not the {numel} × "
+            f"{storage_type.dtype.itemsize} its record declares.")
+      raw = self._archive.read(member)
+      self._storages[key] = (np.frombuffer(raw, storage_type.dtype, count=numel), storage_type)
+    storage, kind_seen = self._storages[key]
+    if kind_seen.dtype != storage_type.dtype:
+      raise pickle.UnpicklingError(f"Storage {key!r} is declared with two dtypes.")
+    return storage
 
 
 def load(path: str):
@@ -90,7 +161,16 @@ def load(path: str):
     if not zipfile.is_zipfile(file):
       raise ValueError(f"{path} is not a torch zip archive (torch ≥ 1.6 format). Re-save it "
                        "with torch.save, or export the weights as .safetensors or .npz.")
-    return _load_archive(file, path)
+    try:
+      return _load_archive(file, path)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError,
+            KeyError, IndexError, TypeError, AttributeError, RecursionError, OverflowError,
+            UnicodeDecodeError, NotImplementedError, struct.error, zlib.error, OSError) as e:
+      raise ValueError(f"{path} is not a readable weights archive ({type(e).__name__}: "
+                       f"{e}). Re-save it with torch.save, or export .safetensors or "
+                       ".npz.") from None
+    except ValueError as e:
+      raise ValueError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
 
 
 def _load_archive(file, path: str):
@@ -103,7 +183,12 @@ def _load_archive(file, path: str):
     if byteorder in archive.namelist() and archive.read(byteorder).strip() != b"little":
       raise ValueError(f"{path} was written big-endian; re-save it on a little-endian machine.")
     with archive.open(pickles[0]) as f:
-      return _RestrictedUnpickler(f, archive, prefix).load()
+      obj = _RestrictedUnpickler(f, archive, prefix).load()
+  bad = _first_bad_tensor(obj)
+  if bad:
+    raise ValueError(f"{path}: tensor {bad[0]!r} does not fit its storage: {bad[1]}. The "
+                     "file is damaged or crafted; nothing was loaded.")
+  return obj
 
 
 def flatten_tensors(obj, prefix: str = "") -> dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import checkpoints, config_lib, input_pipeline, train
+from diffusion_jax import checkpoints, config_lib, input_pipeline, paths, train
 from tests import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,7 +187,7 @@ def test_bad_input_gives_one_clear_error(tmp_path, monkeypatch):
     config_lib.validate_config(c)
   blocker = tmp_path / "file"
   blocker.write_text("x")
-  with pytest.raises(PermissionError, match="not writable"):
+  with pytest.raises(paths.StorageError, match="not writable"):
     train.train_and_evaluate(config, str(blocker / "workdir"))
   monkeypatch.setattr(input_pipeline, "FASHION_MNIST_DIRS", (str(tmp_path / "none"),))
   c = tiny_config.get_config()
