@@ -6,6 +6,7 @@ field, the problem and the fix.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -20,6 +21,7 @@ from diffusion_jax import resample
 from diffusion_jax import weighting as weighting_lib
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("einsum", "fused")
 NAN_POLICIES = ("halt", "skip")
 # Fields that change what a checkpoint means or its structure.
 _CHECKPOINT_FIELDS = {"model": None,
@@ -44,17 +46,123 @@ def _unknown_fields(config, reference, prefix="") -> list[str]:
   return out
 
 
+class ConfigError(ValueError):
+  """A config field with an unusable value (the message names the field and the fix)."""
+
+
+def int_list(text: str, field: str) -> list[int]:
+  """'10,20,50' -> [10, 20, 50] (sorted, unique); ConfigError names `field` otherwise."""
+  try:
+    values = [int(v) for v in str(text).split(",") if v.strip()]
+  except ValueError:
+    values = []
+  if not values or min(values) < 1:
+    raise ConfigError(f"config.{field}={text!r}: expected comma-separated positive "
+                      "integers, e.g. '10,20,50'.")
+  return sorted(set(values))
+
+
+def name_list(text: str) -> list[str]:
+  return [v.strip() for v in str(text).split(",") if v.strip()]
+
+
+def _require(ok: bool, field: str, value, need: str) -> None:
+  if not ok:
+    raise ConfigError(f"config.{field}={value!r}: {need}.")
+
+
+def _ema_choice(value, field: str) -> None:
+  _require(value == -1 or (math.isfinite(value) and 0 <= value < 1), field, value,
+           "must be -1 (the first EMA) or one of optim.ema_rates")
+
+
+def validate_sample_fields(config) -> None:
+  """config.sample, checked before training so a bad sampler cannot lose a run's end."""
+  from diffusion_jax import samplers  # pylint: disable=import-outside-toplevel
+  s = config.sample
+  _require(s.sampler in samplers.SAMPLERS, "sample.sampler", s.sampler,
+           f"choose one of {list(samplers.SAMPLERS)}")
+  for name in ("steps", "num_samples", "batch_size"):
+    _require(isinstance(s[name], int) and s[name] >= 1, f"sample.{name}", s[name],
+             "must be a positive integer")
+  _require(math.isfinite(s.eta) and s.eta >= 0, "sample.eta", s.eta, "must be ≥ 0")
+  _ema_choice(s.ema_rate, "sample.ema_rate")
+
+
+def validate_eval_fields(config) -> None:
+  """config.eval (the paths are checked when evaluation starts)."""
+  from diffusion_jax import samplers  # pylint: disable=import-outside-toplevel
+  e = config.eval
+  int_list(e.steps, "eval.steps")
+  int_list(e.colour_steps, "eval.colour_steps")
+  _require(bool(name_list(e.samplers)), "eval.samplers", e.samplers,
+           "name at least one sampler, e.g. 'ddim'")
+  for sampler in name_list(e.samplers) + [e.colour_sampler]:
+    _require(sampler in samplers.SAMPLERS, "eval.samplers/colour_sampler", sampler,
+             f"choose from {list(samplers.SAMPLERS)}")
+  for name in ("num_samples", "num_reference", "colour_num_samples", "x0_num_examples",
+               "batch_size", "x0_buckets", "train_curve_steps"):
+    _require(isinstance(e[name], int) and e[name] >= 1, f"eval.{name}", e[name],
+             "must be a positive integer")
+  _require(min(e.num_samples, e.num_reference) > 3, "eval.num_samples/num_reference",
+           (e.num_samples, e.num_reference),
+           "must exceed 3 (k=3 precision/recall); FID needs hundreds to mean much")
+  _ema_choice(e.ema_rate, "eval.ema_rate")
+
+
+def _validate_train_and_optim(config) -> None:
+  t, o = config.train, config.optim
+  for name in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "fsdp"):
+    _require(isinstance(t[name], int) and t[name] >= 1, f"train.{name}", t[name],
+             "must be at least 1" + (" (0 would delete every checkpoint)"
+                                     if name == "keep_checkpoints" else ""))
+  for name in ("keep_every", "sample_every"):
+    _require(isinstance(t[name], int) and t[name] >= 0, f"train.{name}", t[name],
+             "must be ≥ 0 (0: off)")
+  _require(t.attention in ATTENTION_IMPLS, "train.attention", t.attention,
+           f"choose one of {list(ATTENTION_IMPLS)}")
+  _require(math.isfinite(o.lr) and o.lr > 0, "optim.lr", o.lr,
+           "must be > 0 (warmup_steps ramps it up from 0)")
+  for name in ("weight_decay", "grad_clip"):
+    _require(math.isfinite(o[name]) and o[name] >= 0, f"optim.{name}", o[name],
+             "must be ≥ 0 (0: off)")
+  for name in ("b1", "b2"):
+    _require(math.isfinite(o[name]) and 0 <= o[name] < 1, f"optim.{name}", o[name],
+             "must be in [0, 1)")
+  _require(math.isfinite(o.eps) and o.eps > 0, "optim.eps", o.eps, "must be > 0")
+  _require(isinstance(o.warmup_steps, int) and o.warmup_steps >= 0, "optim.warmup_steps",
+           o.warmup_steps, "must be ≥ 0")
+  d = config.data
+  for name in ("batch_size", "prefetch", "image_size"):
+    _require(isinstance(d[name], int) and d[name] >= 1, f"data.{name}", d[name],
+             "must be a positive integer")
+
+
 def weighting_params(config) -> dict:
   """The weighting's parameters from config.diffusion.weighting_params, Nones dropped."""
   return {k: v for k, v in config.diffusion.weighting_params.items() if v is not None}
 
 
 def validate_config(config, num_devices: int | None = None) -> None:
-  """Raises ValueError for the first problem found in `config`."""
+  """Raises ConfigError (a ValueError) for the first problem found in `config`: every
+  model, diffusion, data, optim, train, sample and eval field is checked, so a bad
+  value fails in seconds, before anything compiles or any work could be lost."""
+  try:
+    _validate(config, num_devices)
+  except ConfigError:
+    raise
+  except ValueError as e:  # the components' own checks (weighting, sampler, model)
+    raise ConfigError(str(e)) from None
+
+
+def _validate(config, num_devices: int | None) -> None:
   unknown = _unknown_fields(config, _default_config())
   if unknown:
-    raise ValueError(f"Unknown config field(s) {unknown}; see configs/default.py for "
-                     "every field.")
+    raise ConfigError(f"Unknown config field(s) {unknown}; see configs/default.py for "
+                      "every field.")
+  _validate_train_and_optim(config)
+  validate_sample_fields(config)
+  validate_eval_fields(config)
   d = config.diffusion
   diffusion_lib._check_choice("prediction target", d.target, diffusion_lib.TARGETS)  # pylint: disable=protected-access
   diffusion_lib._check_choice("variance type", d.var_type, diffusion_lib.VAR_TYPES)  # pylint: disable=protected-access
@@ -77,9 +185,6 @@ def validate_config(config, num_devices: int | None = None) -> None:
   if config.train.nan_policy not in NAN_POLICIES:
     raise ValueError(f"Unknown train.nan_policy {config.train.nan_policy!r}; choose one of "
                      f"{list(NAN_POLICIES)}.")
-  for field in ("num_steps", "log_every", "checkpoint_every"):
-    if config.train[field] < 1:
-      raise ValueError(f"train.{field} must be at least 1, got {config.train[field]}.")
   n = jax.device_count() if num_devices is None else num_devices
   accum = config.optim.grad_accum_steps
   if accum < 1 or config.data.batch_size % accum:

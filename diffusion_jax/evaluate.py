@@ -34,19 +34,7 @@ from diffusion_jax.evaluation import inception as inception_lib
 from diffusion_jax.evaluation import metrics
 
 
-def _ints(text: str, field: str) -> list[int]:
-  try:
-    values = [int(v) for v in str(text).split(",") if v.strip()]
-  except ValueError:
-    values = []
-  if not values or min(values) < 1:
-    raise ValueError(f"config.{field}={text!r}: expected comma-separated positive integers, "
-                     "e.g. '10,20,50'.")
-  return sorted(set(values))
-
-
-def _names(text: str) -> list[str]:
-  return [v.strip() for v in str(text).split(",") if v.strip()]
+_ints, _names = config_lib.int_list, config_lib.name_list
 
 
 def validate_eval_config(config, compare_mode: bool = False) -> None:
@@ -54,22 +42,8 @@ def validate_eval_config(config, compare_mode: bool = False) -> None:
   if jax.process_count() > 1:
     raise ValueError("Evaluation runs in one process (it uses every local device); start "
                      "it without the multi-host launcher, on one host of the workdir.")
+  config_lib.validate_eval_fields(config)
   e = config.eval
-  _ints(e.steps, "eval.steps")
-  _ints(e.colour_steps, "eval.colour_steps")
-  for sampler in _names(e.samplers) + [e.colour_sampler]:
-    if sampler not in samplers.SAMPLERS:
-      raise ValueError(f"Unknown sampler {sampler!r} in config.eval; choose from "
-                       f"{list(samplers.SAMPLERS)}.")
-  if not _names(e.samplers):
-    raise ValueError("config.eval.samplers is empty; name at least one, e.g. 'ddim'.")
-  for field in ("num_samples", "num_reference", "colour_num_samples", "x0_num_examples",
-                "batch_size", "x0_buckets", "train_curve_steps"):
-    if int(e[field]) < 1:
-      raise ValueError(f"config.eval.{field}={e[field]} must be positive.")
-  if min(e.num_samples, e.num_reference) <= 3:
-    raise ValueError("config.eval.num_samples and num_reference must exceed 3 (k=3 "
-                     "precision/recall); FID needs hundreds to mean much.")
   if e.reference_npz and not paths.exists(e.reference_npz):
     raise ValueError(f"config.eval.reference_npz={e.reference_npz!r} does not exist.")
   if compare_mode:

@@ -58,3 +58,85 @@ def test_paper_256_train_step_compiles_at_batch_1():
   jax.jit(train.make_train_step(config, model, diffusion, tx, sampler),
           donate_argnums=0).lower(state, batch).compile()
   print(f"celebahq256 train step compile: {time.time() - t0:.1f} s")
+
+
+# Fields with no invalid value of their type, and why. Every other train/optim/data/
+# sample/eval field must reject at least one bad value in `validate_config`.
+_FREE_FIELDS = {
+    "train.seed": "any integer is a seed",
+    "sample.seed": "any integer is a seed",
+    "eval.seed": "any integer is a seed",
+    "data.seed": "any integer is a seed",
+    "data.data_dir": "a path, read when the data loads",
+    "data.image_dir": "a path, read by --mode=prepare",
+    "data.split": "dataset-dependent, checked when the data loads",
+    "train.compilation_cache_dir": "a path, or 'none'",
+    "eval.reference_npz": "a path, checked when evaluation starts",
+    "eval.inception_path": "a path, checked when evaluation starts",
+    "eval.x0_split": "dataset-dependent, checked when the data loads",
+}
+
+
+def _leaves(config, prefix=""):
+  for key, value in config.items():
+    if hasattr(value, "items"):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def _bad_values(value):
+  if isinstance(value, bool):
+    return []  # every bool is valid
+  if isinstance(value, int):
+    return [-1, 0]
+  if isinstance(value, float):
+    return [float("nan"), -2.0]
+  if isinstance(value, str):
+    return ["no-such-choice", ""]
+  if isinstance(value, tuple):
+    return [(), (2.0,)]
+  return []
+
+
+@pytest.mark.parametrize("section", ["train", "optim", "data", "sample", "eval"])
+def test_every_field_is_validated_before_anything_compiles(section):
+  from configs import default  # pylint: disable=import-outside-toplevel
+  from tests import tiny_config  # pylint: disable=import-outside-toplevel
+  unchecked = []
+  for field, value in _leaves(default.get_config()[section], f"{section}."):
+    if field in _FREE_FIELDS or isinstance(value, bool):
+      continue
+    rejected = False
+    for bad in _bad_values(value):
+      config = tiny_config.get_config()
+      sub, name = config, field.split(".")
+      for part in name[:-1]:
+        sub = sub[part]
+      with sub.ignore_type():
+        sub[name[-1]] = bad
+      try:
+        config_lib.validate_config(config, num_devices=1)
+      except ValueError as e:
+        rejected = True
+        assert field.split(".")[-1] in str(e) or "dataset" in str(e), (field, str(e))
+        break
+    if not rejected:
+      unchecked.append(field)
+  assert not unchecked, f"accepted with a bad value: {unchecked}"
+
+
+@pytest.mark.parametrize("override, field", [
+    ("--config.train.keep_checkpoints=0", "keep_checkpoints"),
+    ("--config.optim.lr=0", "optim.lr"),
+    ("--config.sample.sampler=euler", "sample.sampler")])
+def test_work_losing_configs_fail_at_once_with_exit_code_2(override, field, tmp_path):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  run = subprocess.run(
+      [sys.executable, "-m", "diffusion_jax.main", "--config=configs/quickstart.py",
+       f"--workdir={tmp_path / 'wd'}", override], cwd=REPO, capture_output=True, text=True,
+      env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"), timeout=120)
+  assert run.returncode == 2, run.stderr[-2000:]
+  assert field in run.stderr and "Traceback" not in run.stderr
+  assert not (tmp_path / "wd").exists()
