@@ -100,7 +100,7 @@ def test_compare_refuses_a_run_with_another_weighting(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("eval.samplers", "ddim,euler", "Unknown sampler 'euler'"),
+    ("eval.samplers", "ddim,euler", "'euler': choose from"),
     ("eval.steps", "10,x", "comma-separated positive integers"),
     ("eval.colour_steps", "0,2", "comma-separated positive integers"),
     ("eval.num_samples", 2, "must exceed 3"),
