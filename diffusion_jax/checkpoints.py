@@ -13,6 +13,7 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from diffusion_jax import config_lib
@@ -55,10 +56,13 @@ def _abstract_with_shardings(state, shardings):
 
 
 def restore_latest(manager: ocp.CheckpointManager, state, shardings, config):
-  """(state, data-iterator state) of the latest checkpoint, or None when there is none.
+  """(state, data-iterator state, objective changes) of the latest checkpoint, or None
+  when there is none.
 
   Raises CheckpointConfigError if the saved config's model, diffusion or EMA fields
-  differ from `config`, or if the saved arrays do not fit this run's state.
+  differ from `config`, if the objective (weighting, loss, timestep sampler) differs
+  without train.allow_objective_change, or if the saved arrays do not fit this run's
+  state. The objective changes are "field: checkpoint …, config …" lines.
   """
   step = manager.latest_step()
   if step is None:
@@ -71,6 +75,16 @@ def restore_latest(manager: ocp.CheckpointManager, state, shardings, config):
         f"The checkpoint at {where} was trained with a different configuration:\n  "
         + "\n  ".join(diffs) + "\nUse a new --workdir, or set these fields as in the "
         "checkpoint. The checkpoint was left untouched.")
+  changes = config_lib.objective_changes(saved.config, config)
+  if changes and not config.train.allow_objective_change:
+    raise CheckpointConfigError(
+        f"The checkpoint at {where} was trained under another objective:\n  "
+        + "\n  ".join(changes) + "\nSet these fields as in the checkpoint, or pass "
+        "--config.train.allow_objective_change=True to continue under the new objective "
+        "on purpose. The checkpoint was left untouched.")
+  if changes:
+    logging.warning("Objective changed at step %d (allow_objective_change): %s", step,
+                    "; ".join(changes))
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_abstract_with_shardings(state, shardings)),
@@ -79,7 +93,7 @@ def restore_latest(manager: ocp.CheckpointManager, state, shardings, config):
     raise CheckpointConfigError(
         f"The checkpoint at {where} does not fit this run's train state ({e}). Use a new "
         "--workdir or the config it was saved with; it was left untouched.") from None
-  return restored.state, restored.data_iter
+  return restored.state, restored.data_iter, changes
 
 
 def _read_only_manager(workdir: str) -> ocp.CheckpointManager:

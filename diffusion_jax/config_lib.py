@@ -260,6 +260,23 @@ def from_json(text: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(text))
 
 
+# Fields that define the training objective: changing them on resume is deliberate only.
+OBJECTIVE_FIELDS = ("diffusion.weighting", "diffusion.weighting_params", "diffusion.loss_type",
+                    "diffusion.timestep_sampler")
+
+
+def objective_changes(saved: dict, config) -> list[str]:
+  """OBJECTIVE_FIELDS whose values differ between a checkpoint's config and `config`."""
+  current = json.loads(to_json(config))
+  diffs = []
+  for field in OBJECTIVE_FIELDS:
+    section, key = field.split(".")
+    a, b = saved.get(section, {}).get(key), current[section][key]
+    if a != b:
+      diffs.append(f"{field}: checkpoint {a!r}, config {b!r}")
+  return diffs
+
+
 def model_mismatches(saved: dict, config) -> list[str]:
   """Fields that make a checkpoint saved under config `saved` (a dict) unusable here."""
   diffs = []

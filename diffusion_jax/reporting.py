@@ -88,6 +88,14 @@ class MetricWriter:
     if time.monotonic() - self._last_flush >= self._flush_every_s:
       self.flush()
 
+  def write_text(self, step: int, name: str, text: str) -> None:
+    """A note at `step`: in its metrics.jsonl row (as a string) and in TensorBoard."""
+    if not self.enabled:
+      return
+    self._rows.setdefault(int(step), {"step": int(step)})[name] = text
+    self._tb.add_text(name, text, int(step))
+    self._dirty = True
+
   def flush(self) -> None:
     """Writes metrics.jsonl and the TensorBoard events out now."""
     if not self.enabled:

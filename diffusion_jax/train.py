@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -188,25 +189,33 @@ def _summarise(metric_list: list[dict]) -> dict[str, float]:
 
 
 class _PreemptionWatch:
-  """Says when the loop must save and stop because the job is being preempted.
+  """Says when the loop must save and stop: preemption, or Ctrl-C.
 
-  One process: SIGTERM sets a flag, checked between steps. Several processes: JAX's
-  preemption sync point, which `jax.distributed` wires to SIGTERM and to TPU
-  maintenance events on every host; all processes agree on the same step to save.
+  One process: SIGTERM or SIGINT (Ctrl-C) sets a flag, checked between steps, so the
+  current step is saved before exiting; a second Ctrl-C exits at once (exit code 130).
+  Several processes: JAX's preemption sync point, which `jax.distributed` wires to
+  SIGTERM and to TPU maintenance events on every host; all processes agree on the
+  same step to save.
   """
 
   def __init__(self):
     self.raised = False
-    self._previous = None
+    self._previous = {}
     self._multihost = jax.process_count() > 1
 
   def __enter__(self):
     if not self._multihost and _is_main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    if self.raised and signum == signal.SIGINT:
+      os._exit(130)  # pylint: disable=protected-access
     self.raised = True
+    if signum == signal.SIGINT:
+      print("\nCtrl-C: saving the current step, then exiting (again to exit now).",
+            file=sys.stderr, flush=True)
 
   def reached(self, step: int) -> bool:
     """Call after every step, on every process, with the step count."""
@@ -216,8 +225,8 @@ class _PreemptionWatch:
     return self.raised
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
 
 def _is_main_thread() -> bool:
@@ -269,8 +278,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   manager = checkpoints.create_manager(workdir, config)
   state, shardings = create_train_state(config, model, tx, timestep_sampler, mesh)
   restored = checkpoints.restore_latest(manager, state, shardings, config)
+  objective_changes = []
   if restored is not None:
-    state, iter_state = restored
+    state, iter_state, objective_changes = restored
     data_iter.set_state(iter_state)
     logging.info("Resumed from step %d in %s", int(state.step), workdir)
 
@@ -279,6 +289,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     out_shardings=(shardings, None), donate_argnums=0)
   writer = reporting.MetricWriter(workdir, enabled=jax.process_index() == 0,
                                   resume_step=int(state.step))
+  if objective_changes:  # recorded where the new objective starts
+    writer.write_scalars(int(state.step), {"objective_changed": 1.0})
+    writer.write_text(int(state.step), "objective_change", "\n".join(objective_changes))
   sharding = batch_sharding(mesh)
 
   def to_global(local):
@@ -314,18 +327,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       preempted.reached(step)
       if at_log:
         summary = _summarise(pending)
-        pending = []
+        summary_steps, pending = pending, []
         summary["images_per_s"] = (step - last_log_step) * config.data.batch_size / max(
             time.time() - last_log_time, 1e-9)
         last_log_time, last_log_step = time.time(), step
         writer.write_scalars(step, summary)
         bar.set_postfix(loss=f"{summary['loss']:.4f}", img_s=f"{summary['images_per_s']:.1f}")
+        if summary["finite"] < 1 and config.train.nan_policy == "skip":
+          dropped = int(state.nonfinite_steps)
+          logging.warning("nan_policy=skip: %d step(s) with a non-finite loss or gradient "
+                          "dropped so far (%d in the last %d).", dropped,
+                          round((1 - summary["finite"]) * len(summary_steps)), len(summary_steps))
       if (at_log or at_ckpt or preempted.raised) and config.train.nan_policy == "halt" and int(
           state.nonfinite_steps):
+        last = manager.latest_step()
         raise NonFiniteLossError(
-            f"Non-finite loss or gradient before step {step}; the last good checkpoint "
-            f"(step {manager.latest_step()}) is kept. Lower optim.lr, set optim.grad_clip, "
-            "or use train.nan_policy=skip.")
+            f"Non-finite loss or gradient before step {step}; "
+            + ("no checkpoint was written yet" if last is None else
+               f"the last good checkpoint (step {last}) is kept")
+            + ". Lower optim.lr, set optim.grad_clip, or use train.nan_policy=skip.")
       if at_ckpt or preempted.raised:
         checkpoints.save(manager, step, state, batch_iter_state, config)
         writer.flush()
@@ -337,6 +357,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         logging.warning("Preempted: saved step %d; exiting.", step)
         break
   bar.close()
+  if int(state.nonfinite_steps):
+    logging.warning("nan_policy=skip dropped %d of %d steps (non-finite loss or gradient).",
+                    int(state.nonfinite_steps), step)
   manager.wait_until_finished()
   if step >= num_steps:  # every process samples (the params are global arrays)
     grid = sample_grid(config, model, diffusion, state.ema_params[0])

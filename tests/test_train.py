@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import checkpoints, config_lib, input_pipeline, paths, train
+from diffusion_jax import checkpoints, config_lib, input_pipeline, paths, reporting, train
 from tests import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,6 +162,18 @@ def test_resume_continues_and_refuses_a_different_model(tmp_path):
   config.train.num_steps = 6
   state = train.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 6
+  # Another objective is refused unless asked for, and then recorded where it starts.
+  changed = config.copy_and_resolve_references()
+  changed.diffusion.weighting = "constant"
+  changed.train.num_steps = 7
+  with pytest.raises(checkpoints.CheckpointConfigError,
+                     match="diffusion.weighting: checkpoint 'debias', config 'constant'"):
+    train.train_and_evaluate(changed, str(tmp_path))
+  assert int(train.load_checkpoint(str(tmp_path)).step) == 6
+  changed.train.allow_objective_change = True
+  assert int(train.train_and_evaluate(changed, str(tmp_path)).step) == 7
+  row = [r for r in reporting.read_metrics(str(tmp_path)) if r["step"] == 6][0]
+  assert row["objective_changed"] == 1.0 and "'constant'" in row["objective_change"]
 
 
 def test_bad_input_gives_one_clear_error(tmp_path, monkeypatch):
@@ -196,15 +208,18 @@ def test_bad_input_gives_one_clear_error(tmp_path, monkeypatch):
     train.train_and_evaluate(c, str(tmp_path / "wd"))
 
 
-def test_nan_guard(tmp_path):
+def test_nan_guard(tmp_path, monkeypatch, caplog):
+  # A NaN learning rate (which validation refuses) makes every update non-finite.
+  monkeypatch.setattr(config_lib, "learning_rate_schedule",
+                      lambda config: (lambda step: jnp.float32(jnp.nan)))
   config = tiny_config.get_config()
-  config.optim.lr = float("nan")
   config.train.update(num_steps=4, checkpoint_every=2, log_every=1)
-  with pytest.raises(train.NonFiniteLossError, match="Non-finite"):
+  with pytest.raises(train.NonFiniteLossError, match="no checkpoint was written yet"):
     train.train_and_evaluate(config, str(tmp_path / "halt"))
   config.train.nan_policy = "skip"
   state = train.train_and_evaluate(config, str(tmp_path / "skip"))
   assert int(state.step) == 4 and int(state.nonfinite_steps) == 4
+  assert "dropped 4 of 4 steps" in caplog.text
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
 
 
@@ -293,7 +308,8 @@ def test_sigkill_then_rerun_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
   _assert_trees_equal(a, b)
 
 
-def test_sigterm_saves_the_current_step(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_save_the_current_step(sig, tmp_path):
   args = ["--config.train.num_steps=100000", "--config.train.checkpoint_every=100000",
           "--config.train.log_every=1"]
   proc = subprocess.Popen(_cli(tmp_path, *args), env=_env(), cwd=REPO,
@@ -302,7 +318,7 @@ def test_sigterm_saves_the_current_step(tmp_path):
   deadline = time.time() + 300
   while time.time() < deadline and not (metrics.exists() and "loss" in metrics.read_text()):
     time.sleep(0.1)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
