@@ -90,6 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
       attention="einsum",          # einsum (reference arithmetic) | fused (dot_product_attention)
       nan_policy="halt",           # halt | skip
       fsdp=1,                      # devices per parameter shard (1: pure data parallel)
+      resume_step=-1,              # the checkpoint to resume from (-1: the newest that restores)
       allow_objective_change=False,  # resume under another weighting/loss/t-sampler
       compilation_cache_dir="",    # JAX's persistent cache; "" = WORKDIR/compilation_cache,
                                    # "none" = off (gs:// allowed)

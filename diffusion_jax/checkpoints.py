@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -55,20 +56,71 @@ def _abstract_with_shardings(state, shardings):
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
-def restore_latest(manager: ocp.CheckpointManager, state, shardings, config):
-  """(state, data-iterator state, objective changes) of the latest checkpoint, or None
-  when there is none.
+class _Unreadable(Exception):
+  """A checkpoint step whose files cannot be restored (the message says why)."""
 
-  Raises CheckpointConfigError if the saved config's model, diffusion or EMA fields
-  differ from `config`, if the objective (weighting, loss, timestep sampler) differs
-  without train.allow_objective_change, or if the saved arrays do not fit this run's
-  state. The objective changes are "field: checkpoint …, config …" lines.
+
+def restore_latest(manager: ocp.CheckpointManager, state, shardings, config):
+  """(state, data-iterator state, objective changes) of the newest checkpoint that
+  restores (or of train.resume_step), or None when the workdir has none.
+
+  A step that cannot be read (missing or truncated files, an incomplete folder) is
+  reported in one line; when an older step restores, the damaged newer ones are moved
+  to checkpoints/damaged/<step> (never deleted) and training continues from the older
+  one. Raises CheckpointConfigError if the saved config's model, diffusion or EMA
+  fields differ from `config`, if the objective (weighting, loss, timestep sampler)
+  differs without train.allow_objective_change, or if no step restores. The objective
+  changes are "field: checkpoint …, config …" lines.
   """
-  step = manager.latest_step()
-  if step is None:
+  steps = sorted(manager.all_steps(), reverse=True)
+  wanted = config.train.resume_step
+  if wanted >= 0:
+    if wanted not in steps:
+      raise CheckpointConfigError(f"train.resume_step={wanted} is not saved in "
+                                  f"{manager.directory}; saved steps: {sorted(steps)}.")
+    steps = [wanted]
+  failures = []
+  for step in steps:
+    try:
+      result = _restore_step(manager, step, state, shardings, config)
+    except _Unreadable as e:
+      failures.append((step, str(e)))
+      logging.warning("Checkpoint step %d cannot be restored: %s", step, e)
+      continue
+    for bad, reason in failures:
+      _move_aside(manager, bad, reason)
+    if failures:
+      manager.reload()
+    return result
+  if not failures:
     return None
+  step, reason = failures[0]
+  raise CheckpointConfigError(
+      f"No checkpoint in {manager.directory} can be restored (steps {sorted(steps)}); the "
+      f"latest, step {step}: {reason}. If the code or config changed, use the ones it was "
+      "saved with, or a new --workdir. Nothing was moved or deleted.")
+
+
+def _move_aside(manager, step: int, reason: str) -> None:
+  src = manager.directory / str(step)
+  dst = manager.directory / "damaged" / str(step)
+  message = (f"Checkpoint step {step} is damaged ({reason}); resuming from an older step. "
+             f"Moved it to {dst}.")
+  paths.move(src, dst)
+  logging.warning(message)
+  print(message, file=sys.stderr, flush=True)
+
+
+def _one_line(e: BaseException) -> str:
+  return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+
+
+def _restore_step(manager, step: int, state, shardings, config):
   where = os.fspath(manager.directory / str(step))
-  saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  try:
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  except Exception as e:  # pylint: disable=broad-except
+    raise _Unreadable(f"its config cannot be read ({_one_line(e)})") from None
   diffs = config_lib.model_mismatches(saved.config, config)
   if diffs:
     raise CheckpointConfigError(
@@ -82,17 +134,15 @@ def restore_latest(manager: ocp.CheckpointManager, state, shardings, config):
         + "\n  ".join(changes) + "\nSet these fields as in the checkpoint, or pass "
         "--config.train.allow_objective_change=True to continue under the new objective "
         "on purpose. The checkpoint was left untouched.")
-  if changes:
-    logging.warning("Objective changed at step %d (allow_objective_change): %s", step,
-                    "; ".join(changes))
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_abstract_with_shardings(state, shardings)),
         data_iter=ocp.args.JsonRestore()))
-  except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointConfigError(
-        f"The checkpoint at {where} does not fit this run's train state ({e}). Use a new "
-        "--workdir or the config it was saved with; it was left untouched.") from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise _Unreadable(f"its train state cannot be read ({_one_line(e)})") from None
+  if changes:
+    logging.warning("Objective changed at step %d (allow_objective_change): %s", step,
+                    "; ".join(changes))
   return restored.state, restored.data_iter, changes
 
 

@@ -119,6 +119,8 @@ def _validate_train_and_optim(config) -> None:
   for name in ("keep_every", "sample_every"):
     _require(isinstance(t[name], int) and t[name] >= 0, f"train.{name}", t[name],
              "must be ≥ 0 (0: off)")
+  _require(isinstance(t.resume_step, int) and t.resume_step >= -1, "train.resume_step",
+           t.resume_step, "must be -1 (the newest checkpoint that restores) or a saved step")
   _require(t.attention in ATTENTION_IMPLS, "train.attention", t.attention,
            f"choose one of {list(ATTENTION_IMPLS)}")
   _require(math.isfinite(o.lr) and o.lr > 0, "optim.lr", o.lr,

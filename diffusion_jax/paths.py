@@ -21,6 +21,7 @@ import io
 import os
 from typing import Union
 
+import fsspec
 import fsspec.config
 import numpy as np
 from etils import epath
@@ -98,6 +99,18 @@ def exists(p: PathLike) -> bool:
 
 def isdir(p: PathLike) -> bool:
   return path(p).is_dir()
+
+
+def move(src: PathLike, dst: PathLike) -> epath.Path:
+  """Moves file or folder `src` to `dst` (on GCS: copies the objects, then deletes)."""
+  source, target = path(src), path(dst)
+  if is_remote(source):
+    fs = fsspec.filesystem("gs")
+    fs.mv(os.fspath(source), os.fspath(target), recursive=True)
+  else:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(source, target)
+  return target
 
 
 def save_npz(p: PathLike, **arrays) -> epath.Path:

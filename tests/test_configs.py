@@ -89,7 +89,7 @@ def _bad_values(value):
   if isinstance(value, bool):
     return []  # every bool is valid
   if isinstance(value, int):
-    return [-1, 0]
+    return [-1, 0, -2]
   if isinstance(value, float):
     return [float("nan"), -2.0]
   if isinstance(value, str):

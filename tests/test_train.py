@@ -176,6 +176,50 @@ def test_resume_continues_and_refuses_a_different_model(tmp_path):
   assert row["objective_changed"] == 1.0 and "'constant'" in row["objective_change"]
 
 
+def _truncate_state_files(step_dir):
+  for f in (step_dir / "state").rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      with open(f, "r+b") as handle:
+        handle.truncate(10)
+
+
+_DAMAGE = {
+    "_METADATA deleted": lambda d: (d / "state" / "_METADATA").unlink(),
+    "array data truncated": _truncate_state_files,
+    "step folder empty": lambda d: [p.unlink() for p in sorted(d.rglob("*"), reverse=True)
+                                    if p.is_file()],
+}
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, capfd):
+  config = tiny_config.get_config()
+  config.train.update(num_steps=6, checkpoint_every=2, log_every=2)
+  reference = train.train_and_evaluate(config, str(tmp_path / "ref"))
+  for i, (name, damage) in enumerate(_DAMAGE.items()):
+    workdir = tmp_path / f"run{i}"
+    config.train.num_steps = 4
+    train.train_and_evaluate(config, str(workdir))
+    damage(workdir / "checkpoints" / "4")
+    config.train.num_steps = 6
+    capfd.readouterr()
+    state = train.train_and_evaluate(config, str(workdir))
+    err = capfd.readouterr().err
+    assert "Checkpoint step 4 is damaged" in err and "resuming from an older step" in err, name
+    _assert_trees_equal(state, reference)
+    assert (workdir / "checkpoints" / "damaged" / "4").is_dir(), name  # kept, not deleted
+    assert checkpoints.checkpoint_steps(str(workdir)) == [2, 4, 6], name
+  # An explicit step, and a workdir where nothing restores: errors, nothing moved.
+  config.train.resume_step = 3
+  with pytest.raises(checkpoints.CheckpointConfigError, match="resume_step=3 is not saved"):
+    train.train_and_evaluate(config, str(workdir))
+  config.train.resume_step = -1
+  for step in (2, 4, 6):
+    (workdir / "checkpoints" / str(step) / "state" / "_METADATA").unlink()
+  with pytest.raises(checkpoints.CheckpointConfigError, match="No checkpoint .* can be restored"):
+    train.train_and_evaluate(config, str(workdir))
+  assert checkpoints.checkpoint_steps(str(workdir)) == [2, 4, 6]
+
+
 def test_bad_input_gives_one_clear_error(tmp_path, monkeypatch):
   config = tiny_config.get_config()
   with pytest.raises(ValueError, match="choose one of .*'debias'"):
