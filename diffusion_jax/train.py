@@ -31,6 +31,7 @@ from diffusion_jax import models
 from diffusion_jax import paths
 from diffusion_jax import reporting
 from diffusion_jax import samplers
+from diffusion_jax import workdir_lock
 
 
 @flax.struct.dataclass
@@ -266,10 +267,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """Trains (or resumes) to config.train.num_steps; returns the final state.
 
   Writes into `workdir`: checkpoints/ (Orbax), metrics.jsonl, TensorBoard events,
-  samples_<step>.png grids, samples.png and loss_curve.png at the end.
+  samples_<step>.png grids, samples.png and loss_curve.png at the end. Holds
+  WORKDIR/trainer.lock while it runs, so a second trainer on the workdir is refused
+  (workdir_lock.WorkdirLockedError).
   """
   config_lib.validate_config(config)
   paths.check_writable(workdir)
+  with workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    return _train(config, workdir)
+
+
+def _train(config, workdir: str) -> TrainState:
   enable_compilation_cache(config, workdir)
   model, diffusion, tx, timestep_sampler = config_lib.build(config)
   mesh = make_mesh(config)
