@@ -27,6 +27,77 @@ class CheckpointConfigError(ValueError):
   """The workdir's checkpoint was written under a config this run cannot continue."""
 
 
+class CheckpointSaveError(RuntimeError):
+  """An async checkpoint save failed (disk full, permission, bucket); says which step."""
+
+
+def _save_cause(e: BaseException) -> str:
+  """One line on why a save failed."""
+  text = f"{type(e).__name__}: {e}"
+  low = text.lower()
+  for keys, cause in ((("resource_exhausted", "no space", "file too large", "quota"),
+                       "no space left (disk full or quota)"),
+                      (("permission", "403", "401"), "permission denied"),
+                      (("not_found", "404", "no such"), "the folder or bucket is gone")):
+    if any(k in low for k in keys):
+      return f"{cause} ({text.splitlines()[0][:200]})"
+  return text.splitlines()[0][:300]
+
+
+class SaveWatcher:
+  """Notices a failed async save at the next step boundary instead of the next save.
+
+  `save` starts an async save and a daemon thread that waits for Orbax to finish it and
+  keeps a failure; `raise_if_failed()` (a cheap attribute check, called between steps)
+  turns that into one CheckpointSaveError naming the step and the cause.
+  """
+
+  def __init__(self, manager: ocp.CheckpointManager):
+    self._manager = manager
+    self._watched = -1
+    self.failure: tuple[int, BaseException] | None = None
+
+  def save(self, step: int, state, iter_state: dict, config) -> None:
+    """`save` (below), then watch it; a failure of the previous save raises here too."""
+    try:
+      save(self._manager, step, state, iter_state, config)
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax re-raises a failed earlier save here; else this step's save failed.
+      self.failure = self.failure or (self._watched if self._watched >= 0 else step, e)
+    self.raise_if_failed()
+    self._watch(step)
+
+  def _watch(self, step: int) -> None:
+    import threading  # pylint: disable=import-outside-toplevel
+    self._watched = step
+
+    def wait():
+      try:
+        self._manager.wait_until_finished()
+      except Exception as e:  # pylint: disable=broad-except
+        self.failure = (step, e)
+
+    threading.Thread(target=wait, daemon=True, name=f"save-watch-{step}").start()
+
+  def finish(self) -> None:
+    """Waits for the last save; raises CheckpointSaveError if any save failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self.failure = self.failure or (self._watched, e)
+    self.raise_if_failed()
+
+  def raise_if_failed(self) -> None:
+    if self.failure is not None:
+      step, e = self.failure
+      committed = [s for s in self._manager.all_steps() if s != step]
+      raise CheckpointSaveError(
+          f"Saving checkpoint step {step} to {self._manager.directory} failed: "
+          f"{_save_cause(e)}. The last committed checkpoint "
+          f"({'step ' + str(max(committed)) if committed else 'none yet'}) is intact; "
+          "fix the cause, then rerun the same command to resume.")
+
+
 def checkpoint_dir(workdir: str) -> epath.Path:
   """WORKDIR/checkpoints (absolute when local; gs:// kept)."""
   return paths.path(workdir) / "checkpoints"

@@ -31,11 +31,11 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-  from diffusion_jax import config_lib, paths, workdir_lock  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import checkpoints, config_lib, paths, workdir_lock  # pylint: disable=import-outside-toplevel
   try:
     _run_mode()
-  except (config_lib.ConfigError, paths.StorageError,
-          workdir_lock.WorkdirLockedError) as e:  # bad input: one line
+  except (config_lib.ConfigError, paths.StorageError, workdir_lock.WorkdirLockedError,
+          checkpoints.CheckpointSaveError) as e:  # one line, no traceback
     if FLAGS["verbosity"].present:
       raise
     print(f"error: {e}", file=sys.stderr)

@@ -284,6 +284,7 @@ def _train(config, workdir: str) -> TrainState:
   data_iter = input_pipeline.create_iterator(config.data, config.data.seed)
 
   manager = checkpoints.create_manager(workdir, config)
+  saves = checkpoints.SaveWatcher(manager)
   state, shardings = create_train_state(config, model, tx, timestep_sampler, mesh)
   restored = checkpoints.restore_latest(manager, state, shardings, config)
   objective_changes = []
@@ -333,6 +334,7 @@ def _train(config, workdir: str) -> TrainState:
       at_log = step % config.train.log_every == 0 or step == num_steps
       at_ckpt = step % config.train.checkpoint_every == 0 or step == num_steps
       preempted.reached(step)
+      saves.raise_if_failed()
       if at_log:
         summary = _summarise(pending)
         summary_steps, pending = pending, []
@@ -355,7 +357,7 @@ def _train(config, workdir: str) -> TrainState:
                f"the last good checkpoint (step {last}) is kept")
             + ". Lower optim.lr, set optim.grad_clip, or use train.nan_policy=skip.")
       if at_ckpt or preempted.raised:
-        checkpoints.save(manager, step, state, batch_iter_state, config)
+        saves.save(step, state, batch_iter_state, config)
         writer.flush()
       if (config.train.sample_every and step % config.train.sample_every == 0
           and step < num_steps):  # the final grid is drawn after the loop
@@ -368,7 +370,7 @@ def _train(config, workdir: str) -> TrainState:
   if int(state.nonfinite_steps):
     logging.warning("nan_policy=skip dropped %d of %d steps (non-finite loss or gradient).",
                     int(state.nonfinite_steps), step)
-  manager.wait_until_finished()
+  saves.finish()
   if step >= num_steps:  # every process samples (the params are global arrays)
     grid = sample_grid(config, model, diffusion, state.ema_params[0])
     writer.write_image_grid(step, grid, final=True)

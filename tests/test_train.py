@@ -372,6 +372,28 @@ def test_sigterm_and_ctrl_c_save_the_current_step(sig, tmp_path):
   assert steps[0] == last_logged
 
 
+def _small_file_limit():
+  """A child process where no file may exceed 200 kB: writes past it fail (EFBIG) like a
+  full disk, while the small files of a run (metrics, PNGs, the lock) still fit."""
+  import resource  # pylint: disable=import-outside-toplevel
+  resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def test_a_failed_save_is_reported_at_the_next_step(tmp_path):
+  args = ["--config.train.num_steps=400", "--config.train.checkpoint_every=2",
+          "--config.train.log_every=1", "--config.train.compilation_cache_dir=none",
+          "--cpu_devices=1"]
+  run = subprocess.run(_cli(tmp_path, *args), env=_env(), cwd=REPO, capture_output=True,
+                       text=True, timeout=600, preexec_fn=_small_file_limit)
+  assert run.returncode == 2, run.stderr[-3000:]
+  line = [l for l in run.stderr.splitlines() if l.startswith("error: Saving checkpoint")]
+  assert line and "step 2 " in line[0] and "no space left" in line[0], run.stderr[-3000:]
+  assert "none yet" in line[0]
+  last = max(r["step"] for r in reporting.read_metrics(str(tmp_path)))
+  assert last < 100, f"the run went on to step {last} after the failed save"
+
+
 def _digits_iterator(seed=0):
   return iter(input_pipeline.make_dataset(input_pipeline.load_digits(), batch_size=4,
                                           seed=seed, random_flip=True))
