@@ -99,8 +99,10 @@ def data_images(data_config, num: int, seed: int, split: str | None = None):
 def reference_statistics(config, inception, cache_dir: str) -> dict:
   """config.eval.reference_npz if set, else training-data statistics cached in cache_dir."""
   e, d = config.eval, config.data
-  if e.reference_npz:
-    return metrics.load_reference(e.reference_npz, inception)
+  if e.reference_npz:  # checked here, before any analysis runs
+    reference = metrics.load_reference(e.reference_npz, inception)
+    metrics.check_reference_dim(reference, inception_lib.POOL_DIM, e.reference_npz)
+    return reference
   name = d.dataset.replace(":", "_").replace("/", "_")
   path = os.fspath(paths.path(cache_dir) / f"reference_{name}_{d.image_size}px_{d.split}_"
                       f"{e.num_reference}.npz")

@@ -83,9 +83,46 @@ def _run_mode():
     convert.convert_checkpoint(FLAGS.checkpoint, FLAGS.config, FLAGS.workdir)
 
 
+def _unknown_config_field(argv) -> str | None:
+  """A message naming the first --config.X.Y override that is not a config field and
+  the closest field that is, or None."""
+  import difflib  # pylint: disable=import-outside-toplevel
+  from configs import default  # pylint: disable=import-outside-toplevel
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    dotted = arg[len("--config."):].split("=", 1)[0]
+    node, parts = default.get_config(), dotted.split(".")
+    for i, part in enumerate(parts):
+      options = list(node.keys()) if hasattr(node, "keys") else []
+      if part not in options:
+        prefix = "".join(p + "." for p in parts[:i])
+        close = difflib.get_close_matches(part, options, n=1)
+        hint = (f"did you mean config.{prefix}{close[0]}?" if close else
+                f"config.{prefix.rstrip('.') or ''} has {options}")
+        return (f"Unknown config field config.{dotted}: {hint} (every field is in "
+                "configs/default.py)")
+      node = node[part]
+  return None
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with one line and exit code 2 for a bad flag or config field
+  (the traceback only with --verbosity)."""
+  try:
+    return FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    if any(a.startswith(("--verbosity", "-v=")) for a in argv):
+      raise
+    unknown = _unknown_config_field(argv) if isinstance(e, (AttributeError, KeyError)) else None
+    message = unknown or f"{e}".splitlines()[0]
+    print(f"error: {message}\nPass --helpshort to see the flags.", file=sys.stderr)
+    sys.exit(2)
+
+
 def run():
   """Console-script entry point (`diffusion-jax`)."""
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -113,3 +113,11 @@ def test_reference_file_errors(tmp_path):
   np.savez(wrong, something=np.zeros(3))
   with pytest.raises(ValueError, match="not a reference-statistics file"):
     metrics.load_reference(wrong)
+
+
+def test_reference_of_another_feature_width_is_refused(tmp_path):
+  rng = np.random.default_rng(2)
+  ref = metrics.reference_from_features(_features(rng, 40))
+  metrics.check_reference_dim(ref, 16, "ok.npz")
+  with pytest.raises(ValueError, match=r"wrong.npz .* mu \(16,\) \(expected \(2048,\)\)"):
+    metrics.check_reference_dim(ref, 2048, "wrong.npz")

@@ -147,6 +147,17 @@ def load_reference(path: str, inception=None) -> dict:
   return data
 
 
+def check_reference_dim(reference: dict, dim: int, path: str) -> None:
+  """ValueError unless `reference` holds statistics of `dim`-wide features."""
+  shapes = {"mu": (dim,), "sigma": (dim, dim)}
+  wrong = [f"{k} {tuple(np.shape(reference[k]))} (expected {v})"
+           for k, v in shapes.items() if tuple(np.shape(reference[k])) != v]
+  if wrong:
+    raise ValueError(f"{path} does not hold statistics of the {dim}-d FID Inception pool "
+                     f"features: {', '.join(wrong)}. Pass guided-diffusion's VIRTUAL_*.npz, "
+                     "or leave eval.reference_npz empty to compute them from the data.")
+
+
 def sample_quality(features: dict, reference: dict) -> dict:
   """FID, sFID, precision/recall (k=3) and IS (with logits) of sample features against
   reference statistics, with the sample counts: guided-diffusion's evaluator's set."""
