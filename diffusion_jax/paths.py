@@ -150,11 +150,11 @@ def check_writable(p: PathLike, role: str = "--workdir") -> epath.Path:
     write_bytes(probe, b"ok")
     probe.unlink()
   except Exception as e:  # pylint: disable=broad-except
-    raise StorageError(f"{role}={os.fspath(p)} is not writable: {explain(e, d)}") from None
+    raise StorageError(f"{role}={os.fspath(p)} is not writable: {_explain(e, d)}") from None
   return d
 
 
-def explain(e: BaseException, p: PathLike) -> str:
+def _explain(e: BaseException, p: PathLike) -> str:
   """One line on why storage access to `p` failed, and the fix."""
   text = f"{type(e).__name__}: {e}".splitlines()[0][:300]
   if not is_remote(p):

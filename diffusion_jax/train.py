@@ -336,8 +336,9 @@ def _train(config, workdir: str) -> TrainState:
       preempted.reached(step)
       saves.raise_if_failed()
       if at_log:
+        interval = len(pending)
         summary = _summarise(pending)
-        summary_steps, pending = pending, []
+        pending = []
         summary["images_per_s"] = (step - last_log_step) * config.data.batch_size / max(
             time.time() - last_log_time, 1e-9)
         last_log_time, last_log_step = time.time(), step
@@ -347,7 +348,7 @@ def _train(config, workdir: str) -> TrainState:
           dropped = int(state.nonfinite_steps)
           logging.warning("nan_policy=skip: %d step(s) with a non-finite loss or gradient "
                           "dropped so far (%d in the last %d).", dropped,
-                          round((1 - summary["finite"]) * len(summary_steps)), len(summary_steps))
+                          round((1 - summary["finite"]) * interval), interval)
       if (at_log or at_ckpt or preempted.raised) and config.train.nan_policy == "halt" and int(
           state.nonfinite_steps):
         last = manager.latest_step()
