@@ -111,6 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --mode=evaluate and --mode=compare (diffusion_jax.evaluate).
   c.eval = ml_collections.ConfigDict(dict(
+      preset="",                   # "quick": CPU-sized counts (config_lib.EVAL_PRESETS)
       num_samples=1000,            # generated images per FID point
       batch_size=250,              # sampling batch
       num_reference=1000,          # dataset images for the reference statistics
@@ -127,6 +128,8 @@ def get_config() -> ml_collections.ConfigDict:
       train_curve=False,           # also FID against training step over every checkpoint
       train_curve_steps=20,        # sampling steps for that curve (first sampler)
       ema_rate=-1.0,               # which EMA to evaluate (-1: the first)
+      classifier=False,            # score samples with a small classifier of the labelled
+                                   # data (≤ 64 px): recognisable fraction, class histogram
       seed=0,
   ))
   c.compare = ml_collections.ConfigDict(dict(

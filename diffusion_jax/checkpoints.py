@@ -23,6 +23,10 @@ from diffusion_jax import paths
 ITEMS = ("state", "data_iter", "config")
 
 
+class NoCheckpointError(FileNotFoundError):
+  """The workdir has no checkpoint (or not the step asked for)."""
+
+
 class CheckpointConfigError(ValueError):
   """The workdir's checkpoint was written under a config this run cannot continue."""
 
@@ -220,7 +224,8 @@ def _restore_step(manager, step: int, state, shardings, config):
 def _read_only_manager(workdir: str) -> ocp.CheckpointManager:
   path = checkpoint_dir(workdir)
   if not paths.isdir(path):
-    raise FileNotFoundError(f"No checkpoints in {workdir} (expected {path}).")
+    raise NoCheckpointError(f"No checkpoints in {workdir} (expected {path}). Train first "
+                            "(--mode=train), or check --workdir.")
   return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False),
                                item_names=ITEMS)
 
@@ -236,7 +241,7 @@ def checkpoint_steps(workdir: str) -> list[int]:
 def _resolve_step(manager, step, workdir):
   step = manager.latest_step() if step is None else step
   if step is None or step not in manager.all_steps():
-    raise FileNotFoundError(f"No checkpoint{'' if step is None else f' at step {step}'} "
+    raise NoCheckpointError(f"No checkpoint{'' if step is None else f' at step {step}'} "
                             f"in {workdir}; found steps {list(manager.all_steps())}.")
   return step
 

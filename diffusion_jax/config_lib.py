@@ -108,6 +108,32 @@ def validate_eval_fields(config) -> None:
            (e.num_samples, e.num_reference),
            "must exceed 3 (k=3 precision/recall); FID needs hundreds to mean much")
   _ema_choice(e.ema_rate, "eval.ema_rate")
+  _require(e.preset in ("",) + tuple(EVAL_PRESETS), "eval.preset", e.preset,
+           f"choose '' (the fields as set) or one of {list(EVAL_PRESETS)}")
+  for name in ("classifier", "train_curve"):
+    _require(isinstance(e[name], bool), f"eval.{name}", e[name], "must be True or False")
+
+
+# Evaluation presets: each replaces these config.eval fields (any others stay as set).
+EVAL_PRESETS = {
+    # A few minutes on 2 CPU cores for a 32 px model: two FID points of 200 samples.
+    "quick": dict(num_samples=200, num_reference=500, samplers="ddim", steps="10,20",
+                  colour_steps="2,5,20", colour_num_samples=32, x0_num_examples=128,
+                  train_curve=False),
+}
+
+
+def with_eval_preset(config, keep=()):
+  """A copy of `config` with config.eval.preset's fields applied, except the eval field
+  names in `keep` (those given on the command line win), and eval.preset cleared so it
+  applies once. Returns `config` itself when it has no preset."""
+  if not config.eval.preset:
+    return config
+  config = config.copy_and_resolve_references()
+  config.eval.update({k: v for k, v in EVAL_PRESETS[config.eval.preset].items()
+                      if k not in keep})
+  config.eval.preset = ""
+  return config
 
 
 def _validate_train_and_optim(config) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 
 import jax
 import ml_collections
@@ -96,6 +97,13 @@ def data_images(data_config, num: int, seed: int, split: str | None = None):
           np.asarray([r["label"] for r in records], np.int32))
 
 
+def _reference_cache_path(config, cache_dir) -> str:
+  e, d = config.eval, config.data
+  name = d.dataset.replace(":", "_").replace("/", "_")
+  return os.fspath(paths.path(cache_dir) / f"reference_{name}_{d.image_size}px_{d.split}_"
+                   f"{e.num_reference}.npz")
+
+
 def reference_statistics(config, inception, cache_dir: str) -> dict:
   """config.eval.reference_npz if set, else training-data statistics cached in cache_dir."""
   e, d = config.eval, config.data
@@ -103,9 +111,7 @@ def reference_statistics(config, inception, cache_dir: str) -> dict:
     reference = metrics.load_reference(e.reference_npz, inception)
     metrics.check_reference_dim(reference, inception_lib.POOL_DIM, e.reference_npz)
     return reference
-  name = d.dataset.replace(":", "_").replace("/", "_")
-  path = os.fspath(paths.path(cache_dir) / f"reference_{name}_{d.image_size}px_{d.split}_"
-                      f"{e.num_reference}.npz")
+  path = _reference_cache_path(config, cache_dir)
   if paths.exists(path):
     return metrics.load_reference(path)
   tqdm.write(f"Reference statistics: {e.num_reference} {d.dataset} images → {path}")
@@ -135,58 +141,251 @@ def _to_rgb(images: np.ndarray) -> np.ndarray:
   return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
-def _quality(images, inception, reference) -> dict:
-  return metrics.sample_quality(inception.features_uint8(_to_rgb(images)), reference)
+def _quality(images, inception, reference, classifier=None) -> dict:
+  quality = metrics.sample_quality(inception.features_uint8(_to_rgb(images)), reference)
+  if classifier is not None:
+    quality["recognisable"] = classifier.score(images)
+  return quality
+
+
+class _Points:
+  """Finished pieces of an evaluation, kept in OUT/points.json (arrays beside it in
+  OUT/points/) as soon as each exists, so that an interrupted evaluation keeps them and
+  a rerun reuses every piece whose settings (run, checkpoint step, counts, seeds,
+  reference) are unchanged."""
+
+  def __init__(self, out_dir):
+    self.file = paths.path(out_dir) / "points.json"
+    self.array_dir = paths.path(out_dir) / "points"
+    self.entries = json.loads(paths.read_text(self.file)) if paths.exists(self.file) else {}
+    self.reused: list[str] = []
+
+  @staticmethod
+  def _normal(obj):
+    return json.loads(json.dumps(obj, default=lambda o: np.asarray(o).tolist()))
+
+  def get(self, name: str, settings: dict):
+    """(value, arrays) stored under `name` with equal settings, else None."""
+    entry = self.entries.get(name)
+    if entry is None or entry["settings"] != self._normal(settings):
+      return None
+    arrays = (paths.load_npz(self.array_dir / entry["arrays"]) if entry.get("arrays")
+              else {})
+    self.reused.append(name)
+    return entry["value"], arrays
+
+  def put(self, name: str, settings: dict, value, arrays: dict | None = None):
+    entry = {"settings": self._normal(settings), "value": self._normal(value)}
+    if arrays:
+      entry["arrays"] = name.replace("/", "_") + ".npz"
+      paths.save_npz(self.array_dir / entry["arrays"], **arrays)
+    self.entries[name] = entry
+    analysis.write_json(self.entries, self.file)
+    return entry["value"]
+
+
+def _int_keys(table: dict) -> dict:
+  return {int(k): v for k, v in table.items()}
+
+
+def _work_plan(runs: list[Run], config, cached_reference: bool) -> dict:
+  """Network evaluations (images × sampler steps) and Inception images of each piece."""
+  e = config.eval
+  plan = {}
+  for r in runs:
+    plan[f"x0/{r.label}"] = (e.x0_buckets * e.x0_num_examples, 0)
+    plan[f"colour/{r.label}"] = (
+        e.colour_num_samples * sum(_ints(e.colour_steps, "eval.colour_steps")), 0)
+    for sampler in _names(e.samplers):
+      for s in _ints(e.steps, "eval.steps"):
+        plan[f"fid/{r.label}/{sampler}/{s}"] = (e.num_samples * s, e.num_samples)
+    if e.train_curve:
+      for step in checkpoints.checkpoint_steps(r.workdir):
+        plan[f"curve/{r.label}/{step}"] = (e.num_samples * e.train_curve_steps,
+                                           e.num_samples)
+  if not cached_reference:
+    plan["reference"] = (0, e.num_reference)
+  return plan
+
+
+class _Progress:
+  """Prints the work before it starts, with an ETA from measured per-unit costs, and
+  after each piece the time spent and left."""
+
+  def __init__(self, plan: dict, seconds_per_nfe: float, seconds_per_inception: float):
+    self.plan = plan
+    self.cost = {name: nfe * seconds_per_nfe + inc * seconds_per_inception
+                 for name, (nfe, inc) in plan.items()}
+    self.left = dict(self.cost)
+    self.start = time.time()
+    nfe = sum(a for a, _ in plan.values())
+    inc = sum(b for _, b in plan.values())
+    tqdm.write(f"Evaluation: {len(plan)} pieces, {nfe:,} network evaluations (images × "
+               f"steps) and {inc:,} Inception images; about {_duration(sum(self.cost.values()))}"
+               f" here ({seconds_per_nfe * 1e3:.2f} ms per image-step, "
+               f"{seconds_per_inception * 1e3:.0f} ms per Inception image, measured).")
+
+  def skip(self, name: str) -> None:
+    self.left.pop(name, None)
+
+  def done(self, name: str) -> None:
+    self.left.pop(name, None)
+    elapsed = time.time() - self.start
+    spent = sum(self.cost.values()) - sum(self.left.values())
+    remaining = sum(self.left.values()) * (elapsed / spent if spent > 0 else 1.0)
+    tqdm.write(f"  done: {name} ({len(self.plan) - len(self.left)}/{len(self.plan)}); "
+               f"{_duration(elapsed)} so far, about {_duration(remaining)} left")
+
+
+def _duration(seconds: float) -> str:
+  minutes, sec = divmod(round(seconds), 60)
+  return f"{minutes} min {sec:02d} s" if minutes else f"{sec} s"
+
+
+def _unit_costs(run: Run, inception, config) -> tuple[float, float]:
+  """Measured seconds per network evaluation of one image, and per Inception image
+  (each timed on a second call, after compiling)."""
+  e, m = config.eval, run.config.model
+  n_dev = jax.device_count()
+  batch = max(n_dev, min(e.batch_size, e.num_samples) // n_dev * n_dev)
+  x = jax.numpy.zeros((batch, m.image_size, m.image_size, m.in_channels))
+  t = jax.numpy.zeros((batch,), jax.numpy.int32)
+  labels = t if m.class_cond else None
+  forward = jax.jit(lambda p, x, t: run.model.apply({"params": p}, x, t, labels))
+  timings = []
+  for _ in range(2):
+    t0 = time.time()
+    jax.block_until_ready(forward(run.params, x, t))
+    timings.append(time.time() - t0)
+  nfe = timings[-1] / batch
+  images = np.zeros((50, m.image_size, m.image_size, m.in_channels), np.uint8)
+  timings = []
+  for _ in range(2):
+    t0 = time.time()
+    inception.features_uint8(_to_rgb(images), progress=False)
+    timings.append(time.time() - t0)
+  return nfe, timings[-1] / len(images)
 
 
 def evaluate_runs(runs: list[Run], config, out_dir: str, cache_dir: str) -> dict:
-  """Every analysis of config.eval over `runs`; writes PNG + JSON into out_dir."""
+  """Every analysis of config.eval over `runs`; writes PNG + JSON into out_dir.
+
+  Each finished piece (x0 errors, colour shift, FID point, training-curve point) is
+  saved at once in out_dir/points.json and its plot redrawn, and evaluation.json is
+  rewritten (with "complete": false until the end); a rerun reuses saved pieces.
+  """
+  config = config_lib.with_eval_preset(config)
   e = config.eval
   out = paths.makedirs(out_dir)
+  points = _Points(out_dir)
   inception = inception_lib.FIDInception.load(e.inception_path or None)
+  classifier = None
+  if e.classifier:
+    from diffusion_jax.evaluation import recognisability  # pylint: disable=import-outside-toplevel
+    classifier = recognisability.classifier_for(runs[0].config.data,
+                                                runs[0].config.model.num_classes, cache_dir)
+  plan = _work_plan(runs, config, cached_reference=bool(e.reference_npz) or paths.exists(
+      _reference_cache_path(config, cache_dir)))
+  progress = _Progress(plan, *_unit_costs(runs[0], inception, config))
   reference = reference_statistics(config, inception, cache_dir)
-  report = {"reference": {"source": reference["source"], "n": int(reference["n"])},
+  if "reference" in plan:
+    progress.done("reference")
+  report = {"complete": False,
+            "reference": {"source": reference["source"], "n": int(reference["n"])},
             "runs": {r.label: {"workdir": r.workdir, "train_step": r.train_step} for r in runs},
             "files": {}}
+  if classifier is not None:
+    report["classifier_reference"] = classifier.reference
+
+  def settings(r: Run, **more):
+    return {"workdir": r.workdir, "train_step": r.train_step, "ema_rate": e.ema_rate,
+            "seed": e.seed, **more}
+
+  def save_report():
+    analysis.write_json(report, out / "evaluation.json")
+
+  def piece(name, run_settings, compute):
+    """The value of piece `name`: reused when saved with equal settings, else computed
+    and saved at once."""
+    found = points.get(name, run_settings)
+    if found is not None:
+      tqdm.write(f"  reusing {name} from {points.file}")
+      progress.skip(name)
+      return found
+    value, arrays = compute()
+    value = points.put(name, run_settings, value, arrays)
+    progress.done(name)
+    return value, arrays
 
   tqdm.write(f"x0 error per timestep on {e.x0_num_examples} held-out images ({e.x0_split})")
-  held_out, held_labels = data_images(runs[0].config.data, e.x0_num_examples, e.seed + 1,
-                                      split=e.x0_split)
-  held_out = held_out.astype(np.float32) / 127.5 - 1
   key = jax.random.PRNGKey(e.seed)
-  x0 = {r.label: analysis.x0_error_by_timestep(
-      r.model, r.diffusion, r.params, held_out, key, e.x0_buckets,
-      labels=held_labels if r.config.model.class_cond else None) for r in runs}
+  held = {}
+
+  def x0_error(r):
+    if not held:
+      images, labels = data_images(runs[0].config.data, e.x0_num_examples, e.seed + 1,
+                                   split=e.x0_split)
+      held.update(images=images.astype(np.float32) / 127.5 - 1, labels=labels)
+    return analysis.x0_error_by_timestep(
+        r.model, r.diffusion, r.params, held["images"], key, e.x0_buckets,
+        labels=held["labels"] if r.config.model.class_cond else None), None
+
+  x0 = {r.label: piece(f"x0/{r.label}", settings(
+      r, n=e.x0_num_examples, split=e.x0_split, buckets=e.x0_buckets),
+                       lambda r=r: x0_error(r))[0] for r in runs}
   report["x0_error"] = x0
   report["files"]["x0_error"] = analysis.plot_x0_error(x0, out / "x0_error.png")
+  save_report()
 
   tqdm.write(f"Colour shift: {e.colour_num_samples} {e.colour_sampler} samples per step count")
   data_for_colour, _ = data_images(runs[0].config.data, max(e.num_reference, 2), e.seed)
-  strips, colour = {}, {}
+  colour_steps = _ints(e.colour_steps, "eval.colour_steps")
+
+  def colour(r):
+    samples = {s: sample_images(r, e.colour_sampler, s, e.colour_num_samples, e.batch_size,
+                                e.seed) for s in colour_steps}
+    strip = {str(s): images[:4] for s, images in samples.items()}
+    return analysis.colour_shift(samples, data_for_colour), strip
+
+  strips, tables = {}, {}
   for r in runs:
-    strips[r.label] = {s: sample_images(r, e.colour_sampler, s, e.colour_num_samples,
-                                        e.batch_size, e.seed)
-                       for s in _ints(e.colour_steps, "eval.colour_steps")}
-    colour[r.label] = analysis.colour_shift(strips[r.label], data_for_colour)
-  report["colour_shift"] = {"sampler": e.colour_sampler, "tables": colour}
+    table, strip = piece(f"colour/{r.label}", settings(
+        r, sampler=e.colour_sampler, steps=colour_steps, n=e.colour_num_samples,
+        batch_size=e.batch_size, data_n=max(e.num_reference, 2)), lambda r=r: colour(r))
+    tables[r.label] = {**table, "steps": _int_keys(table["steps"])}
+    strips[r.label] = _int_keys(strip)
+  report["colour_shift"] = {"sampler": e.colour_sampler, "tables": tables}
   report["files"]["colour_strip"] = analysis.plot_colour_strip(
       strips, out / "colour_strip.png")
   report["files"]["colour_stats"] = analysis.plot_colour_stats(
-      colour, out / "colour_stats.png")
+      tables, out / "colour_stats.png")
+  save_report()
 
   tqdm.write(f"FID against sampling steps: {e.num_samples} samples per point")
+  quality_settings = dict(n=e.num_samples, batch_size=e.batch_size,
+                          reference=report["reference"], classifier=e.classifier)
+
+  def quality(r, sampler, steps):
+    images = sample_images(r, sampler, steps, e.num_samples, e.batch_size, e.seed)
+    return _quality(images, inception, reference, classifier), None
+
   fid = {}
   for r in runs:
     fid[r.label] = {}
     for sampler in _names(e.samplers):
       fid[r.label][sampler] = {}
       for s in _ints(e.steps, "eval.steps"):
-        images = sample_images(r, sampler, s, e.num_samples, e.batch_size, e.seed)
-        fid[r.label][sampler][s] = _quality(images, inception, reference)
-        tqdm.write(f"  {r.label} {sampler}-{s}: FID {fid[r.label][sampler][s]['fid']:.2f}")
-  report["fid_vs_steps"] = fid
-  report["files"]["fid_vs_steps"] = analysis.plot_fid_vs_steps(
-      fid, out / "fid_vs_steps.png")
+        value, _ = piece(f"fid/{r.label}/{sampler}/{s}", settings(
+            r, sampler=sampler, steps=s, **quality_settings),
+                         lambda r=r, sampler=sampler, s=s: quality(r, sampler, s))
+        fid[r.label][sampler][s] = value
+        tqdm.write(f"  {r.label} {sampler}-{s}: FID {value['fid']:.2f}"
+                   + (f", recognisable {value['recognisable']['confident_fraction']:.2f}"
+                      if "recognisable" in value else ""))
+        report["fid_vs_steps"] = fid
+        report["files"]["fid_vs_steps"] = analysis.plot_fid_vs_steps(
+            fid, out / "fid_vs_steps.png")
+        save_report()
 
   if e.train_curve:
     sampler = _names(e.samplers)[0]
@@ -194,16 +393,22 @@ def evaluate_runs(runs: list[Run], config, out_dir: str, cache_dir: str) -> dict
     for r in runs:
       curve[r.label] = {}
       for step in checkpoints.checkpoint_steps(r.workdir):
-        run_at = load_run(r.workdir, r.label, e.ema_rate, step)
-        images = sample_images(run_at, sampler, e.train_curve_steps, e.num_samples,
-                               e.batch_size, e.seed)
-        curve[r.label][step] = _quality(images, inception, reference)
-    report["fid_vs_train_step"] = {"sampler": sampler, "steps": e.train_curve_steps,
-                                   "curve": curve}
-    report["files"]["fid_vs_train_step"] = analysis.plot_fid_vs_train_step(
-        curve, out / "fid_vs_train_step.png",
-        f"{sampler}-{e.train_curve_steps}")
-  analysis.write_json(report, out / "evaluation.json")
+        def curve_point(step=step, r=r):
+          run_at = load_run(r.workdir, r.label, e.ema_rate, step)
+          return quality(run_at, sampler, e.train_curve_steps)
+        curve[r.label][step], _ = piece(
+            f"curve/{r.label}/{step}",
+            {**settings(r, sampler=sampler, steps=e.train_curve_steps, **quality_settings),
+             "train_step": step}, curve_point)
+        report["fid_vs_train_step"] = {"sampler": sampler, "steps": e.train_curve_steps,
+                                       "curve": curve}
+        report["files"]["fid_vs_train_step"] = analysis.plot_fid_vs_train_step(
+            curve, out / "fid_vs_train_step.png", f"{sampler}-{e.train_curve_steps}")
+        save_report()
+  report["complete"] = True
+  report["reused_pieces"] = points.reused
+  report["files"]["evaluation"] = os.fspath(out / "evaluation.json")
+  save_report()
   return report
 
 
@@ -214,6 +419,7 @@ def _join(base, *parts) -> str:
 def evaluate_workdir(config, workdir: str) -> dict:
   """--mode=evaluate: the latest checkpoint of `workdir` (every checkpoint for the
   training curve); writes WORKDIR/eval/evaluation.json and the plots."""
+  config = config_lib.with_eval_preset(config)
   validate_eval_config(config)
   saved = checkpoints.saved_config_matching(workdir, config)
   run = load_run(workdir, saved.diffusion.weighting, config.eval.ema_rate)
@@ -261,18 +467,29 @@ def write_report(report: dict, config, path: str) -> str:
            f"{e.num_samples} samples per FID point.", ""]
   for sampler in _names(e.samplers):
     steps = _ints(e.steps, "eval.steps")
+    recognised = "recognisable" in report["fid_vs_steps"][labels[0]][sampler][steps[-1]]
     lines += [f"## FID / sFID ({sampler})", "",
               "| weighting | " + " | ".join(f"FID@{s}" for s in steps) + " | "
               + " | ".join(f"sFID@{s}" for s in steps) + f" | precision@{steps[-1]} | "
-              f"recall@{steps[-1]} |",
-              "|---" * (2 * len(steps) + 3) + "|"]
+              f"recall@{steps[-1]} |"
+              + ("".join(f" recognisable@{s} |" for s in steps) if recognised else ""),
+              "|---" * ((3 if recognised else 2) * len(steps) + 3) + "|"]
     for label in labels:
       row = report["fid_vs_steps"][label][sampler]
       lines.append(f"| {label} | " + " | ".join(_fmt(row[s]["fid"]) for s in steps) + " | "
                    + " | ".join(_fmt(row[s].get("sfid")) for s in steps) + " | "
                    + f"{_fmt(row[steps[-1]].get('precision'), 3)} | "
-                   f"{_fmt(row[steps[-1]].get('recall'), 3)} |")
+                   f"{_fmt(row[steps[-1]].get('recall'), 3)} |"
+                   + ("".join(f" {_fmt(row[s]['recognisable']['confident_fraction'])} |"
+                              for s in steps) if recognised else ""))
     lines.append("")
+    if recognised:
+      ref = report.get("classifier_reference", {})
+      lines += [f"recognisable: the fraction of samples a small classifier of the data "
+                f"assigns one class with probability ≥ {ref.get('threshold', 0.8)} "
+                f"(real {ref.get('split', 'test')} images: "
+                f"{_fmt(ref.get('confident_fraction'))}); class histograms in report.json.",
+                ""]
   colour = report["colour_shift"]["tables"]
   csteps = _ints(e.colour_steps, "eval.colour_steps")
   first = colour[labels[0]]
@@ -309,6 +526,7 @@ def write_report(report: dict, config, path: str) -> str:
 
 def compare(config, workdir: str) -> dict:
   """--mode=compare: train each of config.compare.weightings, evaluate them together."""
+  config = config_lib.with_eval_preset(config)
   validate_eval_config(config, compare_mode=True)
   config_lib.validate_config(config)
   names = _names(config.compare.weightings)

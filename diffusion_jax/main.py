@@ -4,7 +4,6 @@
 
 Config fields are overridden with --config.SECTION.FIELD=VALUE.
 """
-import os
 import sys
 
 from absl import app
@@ -32,55 +31,62 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   from diffusion_jax import checkpoints, config_lib, paths, workdir_lock  # pylint: disable=import-outside-toplevel
+  user_errors = (config_lib.ConfigError, paths.StorageError, workdir_lock.WorkdirLockedError,
+                 checkpoints.CheckpointSaveError, checkpoints.CheckpointConfigError,
+                 checkpoints.NoCheckpointError)
+  if FLAGS.mode in ("convert", "evaluate", "compare", "sample", "prepare"):
+    user_errors += (ValueError, FileNotFoundError)  # bad files, fields or checkpoints
   try:
     _run_mode()
-  except (config_lib.ConfigError, paths.StorageError, workdir_lock.WorkdirLockedError,
-          checkpoints.CheckpointSaveError) as e:  # one line, no traceback
+  except user_errors as e:  # the problem and the fix, no traceback
     if FLAGS["verbosity"].present:
       raise
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {e}\n(Pass --verbosity=1 for the traceback.)", file=sys.stderr)
     sys.exit(2)
 
 
 def _run_mode():
   from diffusion_jax import distributed  # pylint: disable=import-outside-toplevel
-  c = FLAGS.config
+  from diffusion_jax import config_lib  # pylint: disable=import-outside-toplevel
+  config_lib.validate_eval_fields(FLAGS.config)  # the preset name, before it is applied
+  explicit = {a[len("--config.eval."):].split("=")[0] for a in sys.argv
+              if a.startswith("--config.eval.")}
+  config = config_lib.with_eval_preset(FLAGS.config, keep=explicit)
   distributed.split_host_cpu(
       FLAGS.cpu_devices if FLAGS.cpu_devices != -1 else distributed.cpu_device_count(
-          [c.data.batch_size, c.sample.batch_size]))
+          [config.data.batch_size, config.sample.batch_size]))
   distributed.initialize()
   if FLAGS.mode == "train":
     from diffusion_jax import train  # pylint: disable=import-outside-toplevel
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train.train_and_evaluate(config, FLAGS.workdir)
   elif FLAGS.mode == "sample":
     from diffusion_jax import train  # pylint: disable=import-outside-toplevel
-    out = train.sample_from_workdir(FLAGS.config, FLAGS.workdir)
-    print(f"Wrote {len(out['images'])} samples to {out['dir']}")
+    out = train.sample_from_workdir(config, FLAGS.workdir)
+    print(f"Wrote {len(out['images'])} samples:\n  " + "\n  ".join(out["files"]))
   elif FLAGS.mode == "evaluate":
     from diffusion_jax import evaluate  # pylint: disable=import-outside-toplevel
-    report = evaluate.evaluate_workdir(FLAGS.config, FLAGS.workdir)
-    print(f"Wrote evaluation.json and {len(report['files'])} plots to "
-          f"{os.path.dirname(report['files']['x0_error'])}")
+    report = evaluate.evaluate_workdir(config, FLAGS.workdir)
+    print("Wrote:\n  " + "\n  ".join(report["files"].values()))
   elif FLAGS.mode == "compare":
     from diffusion_jax import evaluate  # pylint: disable=import-outside-toplevel
-    report = evaluate.compare(FLAGS.config, FLAGS.workdir)
+    report = evaluate.compare(config, FLAGS.workdir)
     print(f"Wrote {report['files']['report']} (plots and report.json beside it)")
   elif FLAGS.mode == "prepare":
     from diffusion_jax import image_folder  # pylint: disable=import-outside-toplevel
-    data = FLAGS.config.data
+    data = config.data
     if not data.image_dir or not data.data_dir:
       raise app.UsageError("--mode=prepare needs --config.data.image_dir (the images) and "
                            "--config.data.data_dir (where the prepared dataset goes).")
     summary = image_folder.prepare_image_folder(
         data.image_dir, data.data_dir, data.image_size, skip_bad_files=data.skip_bad_files,
-        class_labels=FLAGS.config.model.class_cond)
+        class_labels=config.model.class_cond)
     print(f"Prepared {summary['num_records']} images at {data.image_size}px into "
           f"{data.data_dir}; skipped {summary['num_skipped']} unreadable file(s).")
   elif FLAGS.mode == "convert":
     if not FLAGS.checkpoint:
       raise app.UsageError("--mode=convert needs --checkpoint=PATH (.pt, .safetensors, .npz).")
     from diffusion_jax import convert  # pylint: disable=import-outside-toplevel
-    convert.convert_checkpoint(FLAGS.checkpoint, FLAGS.config, FLAGS.workdir)
+    convert.convert_checkpoint(FLAGS.checkpoint, config, FLAGS.workdir)
 
 
 def _unknown_config_field(argv) -> str | None:

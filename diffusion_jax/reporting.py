@@ -39,6 +39,7 @@ def save_png(array: np.ndarray, path, scale: int = 1) -> str:
 
 
 METRICS_FILE = "metrics.jsonl"
+FINAL_SAMPLES = "samples.png"  # the grid drawn when training finishes
 
 
 class MetricWriter:
@@ -119,7 +120,7 @@ class MetricWriter:
     scale = max(1, 256 // images.shape[1])
     path = save_png(grid, self.workdir / f"samples_{step:07d}.png", scale)
     if final:
-      save_png(grid, self.workdir / "samples.png", scale)
+      save_png(grid, self.workdir / FINAL_SAMPLES, scale)
     self._tb.add_image("samples", grid, int(step), dataformats="HWC")
     return path
 

@@ -273,8 +273,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """
   config_lib.validate_config(config)
   paths.check_writable(workdir)
+  finished = _finished_run(config, workdir)
+  if finished is not None:
+    return finished
   with workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0):
     return _train(config, workdir)
+
+
+def _finished_run(config, workdir: str) -> TrainState | None:
+  """The saved state when `workdir` already holds a finished run of `config` (trained to
+  train.num_steps, final samples written), after saying so; else None."""
+  steps = checkpoints.checkpoint_steps(workdir)
+  if (not steps or steps[-1] < config.train.num_steps or config.train.resume_step != -1
+      or not paths.exists(paths.path(workdir) / reporting.FINAL_SAMPLES)):
+    return None
+  checkpoints.saved_config_matching(workdir, config)  # a different model is an error
+  if jax.process_index() == 0:
+    print(f"{workdir} already holds a finished run: step {steps[-1]} of "
+          f"train.num_steps={config.train.num_steps}, samples in "
+          f"{paths.path(workdir) / reporting.FINAL_SAMPLES}. Nothing to do.\n"
+          "To train further, raise --config.train.num_steps; to draw new samples, use "
+          "--mode=sample.", flush=True)
+  return load_checkpoint(workdir)
 
 
 def _train(config, workdir: str) -> TrainState:
@@ -308,6 +328,7 @@ def _train(config, workdir: str) -> TrainState:
             for k, v in local.items()}
 
   step = int(state.step)
+  first_step, start_time, last_summary = step, time.time(), {}
   num_steps = config.train.num_steps
   pending: list[dict] = []
   last_log_time, last_log_step = time.time(), step
@@ -343,6 +364,7 @@ def _train(config, workdir: str) -> TrainState:
             time.time() - last_log_time, 1e-9)
         last_log_time, last_log_step = time.time(), step
         writer.write_scalars(step, summary)
+        last_summary = summary
         bar.set_postfix(loss=f"{summary['loss']:.4f}", img_s=f"{summary['images_per_s']:.1f}")
         if summary["finite"] < 1 and config.train.nan_policy == "skip":
           dropped = int(state.nonfinite_steps)
@@ -372,14 +394,49 @@ def _train(config, workdir: str) -> TrainState:
     logging.warning("nan_policy=skip dropped %d of %d steps (non-finite loss or gradient).",
                     int(state.nonfinite_steps), step)
   saves.finish()
+  outputs = {"checkpoint": os.fspath(checkpoints.checkpoint_dir(workdir) / str(step))}
+  recognisable = None
   if step >= num_steps:  # every process samples (the params are global arrays)
     grid = sample_grid(config, model, diffusion, state.ema_params[0])
     writer.write_image_grid(step, grid, final=True)
     if writer.enabled:
-      reporting.plot_loss_curve(workdir)
+      outputs["samples"] = os.fspath(paths.path(workdir) / reporting.FINAL_SAMPLES)
+      outputs["loss curve"] = reporting.plot_loss_curve(workdir)
+      if config.eval.classifier:
+        recognisable = _recognisability(config, workdir, grid)
+        writer.write_scalars(step, {"recognisable_fraction":
+                                    recognisable[0]["confident_fraction"]})
   writer.close()
   manager.close()
+  if jax.process_index() == 0:
+    outputs["metrics"] = os.fspath(paths.path(workdir) / reporting.METRICS_FILE)
+    print(_run_summary(step, first_step, num_steps, time.time() - start_time,
+                       last_summary.get("loss"), outputs, recognisable), flush=True)
   return state
+
+
+def _recognisability(config, workdir: str, images: np.ndarray):
+  """(score of `images`, score of real held-out images) by the dataset's cached
+  classifier (see evaluation.recognisability)."""
+  from diffusion_jax.evaluation import recognisability  # pylint: disable=import-outside-toplevel
+  classifier = recognisability.classifier_for(config.data, config.model.num_classes, workdir)
+  return classifier.score(images), classifier.reference
+
+
+def _run_summary(step, first_step, num_steps, wall_s, loss, outputs, recognisable) -> str:
+  """The end-of-run message: what was trained and where everything went."""
+  minutes, seconds = divmod(round(wall_s), 60)
+  done = "Finished" if step >= num_steps else "Stopped"
+  lines = [f"{done} at step {step} of {num_steps}: {step - first_step} steps in "
+           f"{minutes} min {seconds:02d} s"
+           + (f", final loss {loss:.4f} (mean of the last log interval)." if loss is not None
+              else ".")]
+  if recognisable is not None:
+    from diffusion_jax.evaluation import recognisability  # pylint: disable=import-outside-toplevel
+    lines.append("  " + recognisability.summary_line(*recognisable))
+  width = max(len(k) for k in outputs) + 1
+  lines += [f"  {name + ':':<{width}} {where}" for name, where in outputs.items()]
+  return "\n".join(lines)
 
 
 def load_checkpoint(workdir: str, step: int | None = None) -> TrainState:
@@ -423,4 +480,7 @@ def sample_from_workdir(config, workdir: str) -> dict:
       image_shape=(m.image_size, m.image_size, m.in_channels),
       write=jax.process_index() == 0)
   result["dir"] = out_dir
+  result["files"] = [os.fspath(paths.path(out_dir) / "samples_grid.png")] + (
+      [os.fspath(paths.path(out_dir) / "samples.npz")] if s.save_npz else []) + (
+      [os.fspath(paths.path(out_dir) / "images")] if s.save_individual else [])
   return result

@@ -146,6 +146,10 @@ def test_work_losing_configs_fail_at_once_with_exit_code_2(override, field, tmp_
     ("--config.train.foo=3", "Unknown config field config.train.foo: config.train has"),
     ("--config.diffusion.weightin=p2", "did you mean config.diffusion.weighting?"),
     ("--config.train.num_steps=abc", "flag --config.train.num_steps=abc: invalid literal"),
+    ("--config.diffusion.weighting=foo", "Unknown loss weighting 'foo'; choose one of"),
+    ("--config.eval.preset=fast", "config.eval.preset='fast'"),
+    ("--mode=sample", "No checkpoints in"),
+    ("--mode=evaluate", "No checkpoints in"),
 ])
 def test_bad_flags_are_one_line_with_exit_code_2(override, message, tmp_path):
   import subprocess  # pylint: disable=import-outside-toplevel

