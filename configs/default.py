@@ -73,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
       b2=0.999,
       eps=1e-8,
       warmup_steps=0,
+      lr_schedule="constant",      # constant | cosine (to 0 at train.num_steps)
       grad_clip=0.0,               # global-norm clip; 0 disables
       grad_accum_steps=1,          # micro-batches per step (batch_size must divide)
       ema_rates=(0.9999,),

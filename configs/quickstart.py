@@ -12,9 +12,10 @@ real test images, and the class histogram. Expect grainy but recognisable garmen
 (see the README for the measured numbers): this is minutes of CPU, not a converged
 model. Rerunning the command resumes an unfinished run and leaves a finished one alone.
 
-Why 2,400 steps: at 1,200 steps (the first version of this recipe) about half the
-samples were white blobs or, with DDIM, static; doubling the steps removed almost all
-of those (measured with the classifier; see the README).
+Why this recipe: at 1,200 steps (the first version) about half the samples were white
+blobs or, with DDIM, static; 2,400 steps removed the blobs, and decaying the learning
+rate (cosine) cut DDIM-20's static samples from 16% to 4% at equal DDPM quality. EMA
+0.995 beat 0.998 and 0.999 at this length (measured; see the README).
 
 `configs/quickstart.py:photo_patches` trains the same recipe on 32×32 colour crops of
 the photographs packaged with scikit-image/scikit-learn (the colour dataset for the
@@ -38,7 +39,8 @@ def get_config(dataset: str = "fashion_mnist"):
                  num_head_channels=32)
   c.data.update(dataset=dataset, image_size=32, batch_size=16, random_flip=True)
   c.diffusion.weighting = "debias"
-  c.optim.update(lr=1e-3, warmup_steps=100, grad_clip=1.0, ema_rates=(0.995,))
+  c.optim.update(lr=1e-3, warmup_steps=100, lr_schedule="cosine", grad_clip=1.0,
+                 ema_rates=(0.995,))
   c.train.update(num_steps=2400, log_every=50, checkpoint_every=800, sample_every=1200)
   # Ancestral sampling gives visibly cleaner grids than DDIM this early in training:
   # an undertrained network's errors leave some deterministic trajectories as static.

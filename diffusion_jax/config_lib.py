@@ -160,6 +160,8 @@ def _validate_train_and_optim(config) -> None:
   _require(math.isfinite(o.eps) and o.eps > 0, "optim.eps", o.eps, "must be > 0")
   _require(isinstance(o.warmup_steps, int) and o.warmup_steps >= 0, "optim.warmup_steps",
            o.warmup_steps, "must be ≥ 0")
+  _require(o.lr_schedule in LR_SCHEDULES, "optim.lr_schedule", o.lr_schedule,
+           f"choose one of {list(LR_SCHEDULES)}")
   d = config.data
   for name in ("batch_size", "prefetch", "image_size"):
     _require(isinstance(d[name], int) and d[name] >= 1, f"data.{name}", d[name],
@@ -248,8 +250,16 @@ def build_timestep_sampler(config) -> resample.TimestepSampler:
                                   config.diffusion.num_timesteps)
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 def learning_rate_schedule(config):
+  """optim.lr after a linear warmup of optim.warmup_steps: held ("constant"), or
+  decayed to 0 at train.num_steps ("cosine"; raising num_steps later stretches it)."""
   o = config.optim
+  if o.lr_schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        0.0, o.lr, o.warmup_steps, max(config.train.num_steps, o.warmup_steps + 1), 0.0)
   if o.warmup_steps > 0:
     return optax.linear_schedule(0.0, o.lr, o.warmup_steps)
   return optax.constant_schedule(o.lr)

@@ -143,6 +143,7 @@ def _to_rgb(images: np.ndarray) -> np.ndarray:
 
 def _quality(images, inception, reference, classifier=None) -> dict:
   quality = metrics.sample_quality(inception.features_uint8(_to_rgb(images)), reference)
+  quality["static_fraction"] = analysis.static_fraction(images)
   if classifier is not None:
     quality["recognisable"] = classifier.score(images)
   return quality
@@ -212,7 +213,8 @@ class _Progress:
   """Prints the work before it starts, with an ETA from measured per-unit costs, and
   after each piece the time spent and left."""
 
-  def __init__(self, plan: dict, seconds_per_nfe: float, seconds_per_inception: float):
+  def __init__(self, plan: dict, seconds_per_nfe: float, seconds_per_inception: float,
+               saved: bool = False):
     self.plan = plan
     self.cost = {name: nfe * seconds_per_nfe + inc * seconds_per_inception
                  for name, (nfe, inc) in plan.items()}
@@ -223,9 +225,12 @@ class _Progress:
     tqdm.write(f"Evaluation: {len(plan)} pieces, {nfe:,} network evaluations (images × "
                f"steps) and {inc:,} Inception images; about {_duration(sum(self.cost.values()))}"
                f" here ({seconds_per_nfe * 1e3:.2f} ms per image-step, "
-               f"{seconds_per_inception * 1e3:.0f} ms per Inception image, measured).")
+               f"{seconds_per_inception * 1e3:.0f} ms per Inception image, measured"
+               f"{'; less for pieces saved by an earlier run' if saved else ''}).")
 
   def skip(self, name: str) -> None:
+    """A piece reused from an earlier run: it takes no time."""
+    self.cost.pop(name, None)
     self.left.pop(name, None)
 
   def done(self, name: str) -> None:
@@ -233,7 +238,7 @@ class _Progress:
     elapsed = time.time() - self.start
     spent = sum(self.cost.values()) - sum(self.left.values())
     remaining = sum(self.left.values()) * (elapsed / spent if spent > 0 else 1.0)
-    tqdm.write(f"  done: {name} ({len(self.plan) - len(self.left)}/{len(self.plan)}); "
+    tqdm.write(f"  done: {name} ({len(self.cost) - len(self.left)}/{len(self.cost)}); "
                f"{_duration(elapsed)} so far, about {_duration(remaining)} left")
 
 
@@ -286,7 +291,8 @@ def evaluate_runs(runs: list[Run], config, out_dir: str, cache_dir: str) -> dict
                                                 runs[0].config.model.num_classes, cache_dir)
   plan = _work_plan(runs, config, cached_reference=bool(e.reference_npz) or paths.exists(
       _reference_cache_path(config, cache_dir)))
-  progress = _Progress(plan, *_unit_costs(runs[0], inception, config))
+  progress = _Progress(plan, *_unit_costs(runs[0], inception, config),
+                       saved=bool(set(plan) & set(points.entries)))
   reference = reference_statistics(config, inception, cache_dir)
   if "reference" in plan:
     progress.done("reference")

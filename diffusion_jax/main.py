@@ -38,6 +38,13 @@ def main(argv):
     user_errors += (ValueError, FileNotFoundError)  # bad files, fields or checkpoints
   try:
     _run_mode()
+  except KeyboardInterrupt:
+    if FLAGS.mode not in ("evaluate", "compare"):
+      raise
+    print("\nInterrupted. Finished evaluation pieces are kept (points.json beside "
+          "evaluation.json); run the same command again to continue from them.",
+          file=sys.stderr)
+    sys.exit(130)
   except user_errors as e:  # the problem and the fix, no traceback
     if FLAGS["verbosity"].present:
       raise

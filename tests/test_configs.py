@@ -162,3 +162,30 @@ def test_bad_flags_are_one_line_with_exit_code_2(override, message, tmp_path):
   first = run.stderr.splitlines()[0]
   assert first.startswith("error: ") and message in first and "Traceback" not in run.stderr
   assert not (tmp_path / "wd").exists()
+
+
+def test_eval_preset_applies_once_and_explicit_fields_win():
+  from configs import quickstart  # pylint: disable=import-outside-toplevel
+  config = quickstart.get_config()
+  config.eval.preset = "quick"
+  quick = config_lib.with_eval_preset(config, keep={"num_samples"})
+  assert quick.eval.preset == "" and config.eval.preset == "quick"  # a copy
+  assert quick.eval.num_samples == config.eval.num_samples == 300  # kept
+  assert quick.eval.steps == "10,20" and quick.eval.num_reference == 500
+  assert config_lib.with_eval_preset(quick) is quick  # applied once
+  config.eval.preset = "fast"
+  with pytest.raises(config_lib.ConfigError, match="eval.preset"):
+    config_lib.validate_config(config, num_devices=1)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero_at_the_last_step():
+  from tests import tiny_config  # pylint: disable=import-outside-toplevel
+  config = tiny_config.get_config()
+  config.optim.update(lr=1e-3, warmup_steps=10, lr_schedule="cosine")
+  config.train.num_steps = 110
+  schedule = config_lib.learning_rate_schedule(config)
+  assert float(schedule(0)) == 0.0 and math.isclose(float(schedule(10)), 1e-3, rel_tol=1e-6)
+  assert math.isclose(float(schedule(60)), 0.5e-3, rel_tol=1e-4)
+  assert float(schedule(110)) == 0.0
+  config.optim.lr_schedule = "constant"
+  assert math.isclose(float(config_lib.learning_rate_schedule(config)(110)), 1e-3, rel_tol=1e-6)

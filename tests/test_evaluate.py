@@ -194,3 +194,12 @@ def test_ema_index_picks_the_named_rate():
   assert train.ema_index(saved, -1) == 0 and train.ema_index(saved, 0.9) == 1
   with pytest.raises(ValueError, match=r"eval.ema_rate=0.5 is not among"):
     train.ema_index(saved, 0.5, "eval.ema_rate")
+
+
+def test_static_fraction_separates_static_from_garments():
+  from diffusion_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  real = input_pipeline.load_fashion_mnist("test").images[:500]
+  static = np.random.default_rng(0).integers(0, 256, (50, 28, 28, 1), dtype=np.uint8)
+  assert analysis.static_fraction(real) < 0.01
+  assert analysis.static_fraction(static) == 1.0
+  assert analysis.static_fraction(np.concatenate([real[:150], static])) == 0.25

@@ -84,10 +84,11 @@ class Classifier:
     self._logits = jax.jit(lambda p, x: self.model.apply({"params": p}, x))
 
   def probabilities(self, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    """Class probabilities float32 (N, num_classes) of uint8 images (N, H, W, C)."""
+    """Probabilities float32 (N, num_classes + 1) of uint8 images (N, H, W, C); the last
+    column is junk."""
     out = [jax.nn.softmax(self._logits(self.params, _to_float(images[i:i + batch_size])))
            for i in range(0, len(images), batch_size)]
-    return np.asarray(jnp.concatenate(out)) if out else np.zeros((0, self.num_classes))
+    return np.asarray(jnp.concatenate(out)) if out else np.zeros((0, self.num_classes + 1))
 
   def score(self, images: np.ndarray, threshold: float = THRESHOLD) -> dict:
     """confident_fraction (a data class with probability ≥ threshold), class_histogram
