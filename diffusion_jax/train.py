@@ -287,6 +287,10 @@ def _finished_run(config, workdir: str) -> TrainState | None:
   if (not steps or steps[-1] < config.train.num_steps or config.train.resume_step != -1
       or not paths.exists(paths.path(workdir) / reporting.FINAL_SAMPLES)):
     return None
+  try:
+    state = load_checkpoint(workdir)
+  except Exception:  # pylint: disable=broad-except
+    return None  # unreadable: the training path names the damage and falls back
   checkpoints.saved_config_matching(workdir, config)  # a different model is an error
   if jax.process_index() == 0:
     print(f"{workdir} already holds a finished run: step {steps[-1]} of "
@@ -294,7 +298,7 @@ def _finished_run(config, workdir: str) -> TrainState | None:
           f"{paths.path(workdir) / reporting.FINAL_SAMPLES}. Nothing to do.\n"
           "To train further, raise --config.train.num_steps; to draw new samples, use "
           "--mode=sample.", flush=True)
-  return load_checkpoint(workdir)
+  return state
 
 
 def _train(config, workdir: str) -> TrainState:
