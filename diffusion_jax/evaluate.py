@@ -525,6 +525,8 @@ def write_report(report: dict, config, path: str) -> str:
     lines.append(f"| {label} | " + " | ".join(f"{v:.4f}" for v in x0[label]["x0_mse"]) + " |")
   lines += ["", "## Plots", ""]
   for name, file in report["files"].items():
+    if not file.endswith(".png"):
+      continue
     base = os.fspath(paths.path(path).parent) + "/"
     lines.append(f"![{name}]({file[len(base):] if file.startswith(base) else file})")
   return os.fspath(paths.write_text(path, "\n".join(lines) + "\n"))
