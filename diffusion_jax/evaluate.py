@@ -101,7 +101,7 @@ def _reference_cache_path(config, cache_dir) -> str:
   e, d = config.eval, config.data
   name = d.dataset.replace(":", "_").replace("/", "_")
   return os.fspath(paths.path(cache_dir) / f"reference_{name}_{d.image_size}px_{d.split}_"
-                   f"{e.num_reference}.npz")
+                   f"{e.num_reference}_seed{e.seed}.npz")
 
 
 def reference_statistics(config, inception, cache_dir: str) -> dict:
@@ -213,8 +213,7 @@ class _Progress:
   """Prints the work before it starts, with an ETA from measured per-unit costs, and
   after each piece the time spent and left."""
 
-  def __init__(self, plan: dict, seconds_per_nfe: float, seconds_per_inception: float,
-               saved: bool = False):
+  def __init__(self, plan: dict, seconds_per_nfe: float, seconds_per_inception: float):
     self.plan = plan
     self.cost = {name: nfe * seconds_per_nfe + inc * seconds_per_inception
                  for name, (nfe, inc) in plan.items()}
@@ -225,8 +224,8 @@ class _Progress:
     tqdm.write(f"Evaluation: {len(plan)} pieces, {nfe:,} network evaluations (images × "
                f"steps) and {inc:,} Inception images; about {_duration(sum(self.cost.values()))}"
                f" here ({seconds_per_nfe * 1e3:.2f} ms per image-step, "
-               f"{seconds_per_inception * 1e3:.0f} ms per Inception image, measured"
-               f"{'; less for pieces saved by an earlier run' if saved else ''}).")
+               f"{seconds_per_inception * 1e3:.0f} ms per Inception image, measured; "
+               "pieces saved by an earlier run with the same settings are reused).")
 
   def skip(self, name: str) -> None:
     """A piece reused from an earlier run: it takes no time."""
@@ -291,8 +290,7 @@ def evaluate_runs(runs: list[Run], config, out_dir: str, cache_dir: str) -> dict
                                                 runs[0].config.model.num_classes, cache_dir)
   plan = _work_plan(runs, config, cached_reference=bool(e.reference_npz) or paths.exists(
       _reference_cache_path(config, cache_dir)))
-  progress = _Progress(plan, *_unit_costs(runs[0], inception, config),
-                       saved=bool(set(plan) & set(points.entries)))
+  progress = _Progress(plan, *_unit_costs(runs[0], inception, config))
   reference = reference_statistics(config, inception, cache_dir)
   if "reference" in plan:
     progress.done("reference")
