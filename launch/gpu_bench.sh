@@ -1,23 +1,38 @@
 #!/usr/bin/env bash
-# One prepared GPU benchmark: celebahq256 at batch 8, 16 and 32, fp32 and bf16, in one call.
-# Writes one JSON per setting into OUT (default: bench_out/) and prints a summary table.
+# One prepared GPU benchmark, ours and the official code side by side, in one call:
+#   * the paper's 256 px model (configs/celebahq256.py) at batch 8, 16 and 32, fp32 and bf16;
+#   * small32 (configs/bench_cpu_small.py, batch 16, fp32), the CPU benchmark's case.
+# Each of our rows runs `diffusion_jax.bench` in its own process and is followed by the
+# official PyTorch step on the same case, batch and dtype (launch/baseline_bench.py; bf16 is
+# torch.autocast; $BASELINE_PYTHON is its interpreter, default python3). One JSON per row goes into --out; the table (with ratios) is printed last
+# and written to OUT/table.md. Rows run in order of importance, so a cut-off run keeps the
+# first ones.
 set -euo pipefail
 
 usage() {
   cat <<'USAGE'
 Usage: launch/gpu_bench.sh [--out DIR] [--batches "8 16 32"] [--dtypes "float32 bfloat16"]
-                           [--runs N] [--dry-run]
-Run from the repository root on a machine with a GPU (jax[cuda] installed).
+                           [--runs N] [--baseline-dir DIR | --no-baseline] [--device cuda|cpu]
+                           [--dry-run]
+Run from the repository root on a machine with a GPU (jax with CUDA; torch for the baseline).
+--device cpu runs the same rows on the CPU (a smoke test of the script itself).
+--baseline-dir: the official code's checkout (default: $DIFFUSION_BASELINE, else
+../shared/baseline/debias).
 USAGE
 }
 
-out=bench_out batches="8 16 32" dtypes="float32 bfloat16" runs=10 dry=0
+here=$(cd "$(dirname "$0")" && pwd)
+out=bench_out batches="8 16 32" dtypes="float32 bfloat16" runs=10 dry=0 baseline=1 device=cuda
+baseline_dir=${DIFFUSION_BASELINE:-$here/../../shared/baseline/debias}
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --out) out=$2; shift 2;;
     --batches) batches=$2; shift 2;;
     --dtypes) dtypes=$2; shift 2;;
     --runs) runs=$2; shift 2;;
+    --baseline-dir) baseline_dir=$2; shift 2;;
+    --no-baseline) baseline=0; shift;;
+    --device) device=$2; shift 2;;
     --dry-run) dry=1; shift;;
     -h|--help) usage; exit 0;;
     *) echo "error: unknown argument $1" >&2; usage >&2; exit 2;;
@@ -30,24 +45,39 @@ done
 for d in $dtypes; do
   [[ "$d" == float32 || "$d" == bfloat16 ]] || { echo "error: dtype '$d' must be float32 or bfloat16" >&2; exit 2; }
 done
+[[ $device == cuda || $device == cpu ]] || { echo "error: --device must be cuda or cpu" >&2; exit 2; }
+if [[ $baseline == 1 && $dry == 0 && ! -d $baseline_dir/guided_diffusion ]]; then
+  echo "error: no official code at $baseline_dir; pass --baseline-dir DIR or --no-baseline" >&2
+  exit 2
+fi
+
+run() {  # prints the command in a dry run, else runs it; a failed row does not stop the others
+  if [[ $dry == 1 ]]; then printf '%q ' "$@"; echo; else "$@" || echo "row failed: $*" >&2; fi
+}
+ours() {  # config dtype batch name
+  run python3 -m diffusion_jax.bench "--config=$1" "--config.train.compute_dtype=$2" \
+    "--config.data.batch_size=$3" "--runs=$runs" "--json=$out/ours_$4_$2_b$3.json"
+}
+official() {  # case dtype batch name
+  [[ $baseline == 1 ]] || return 0
+  if [[ $dry == 1 ]]; then
+    run python3 "$here/baseline_bench.py" --case "$1" --dtype "$2" --batch "$3" --device "$device" \
+      --steps "$runs" --baseline_dir "$baseline_dir"
+  else
+    "${BASELINE_PYTHON:-python3}" "$here/baseline_bench.py" --case "$1" --dtype "$2" --batch "$3" --device "$device" \
+      --steps "$runs" --baseline_dir "$baseline_dir" 2>"$out/official_$4_$2_b$3.err" \
+      >"$out/official_$4_$2_b$3.json" || echo "row failed: official $1 $2 $3" >&2
+  fi
+}
 
 [[ $dry == 1 ]] || mkdir -p "$out"
-for d in $dtypes; do
-  for b in $batches; do
-    cmd=(python3 -m diffusion_jax.bench --config=configs/celebahq256.py
-         "--config.data.batch_size=$b" "--config.train.compute_dtype=$d" "--runs=$runs"
-         "--json=$out/celebahq256_${d}_b${b}.json")
-    if [[ $dry == 1 ]]; then printf '%q ' "${cmd[@]}"; echo; else "${cmd[@]}"; fi
+for b in $batches; do
+  for d in $dtypes; do
+    ours configs/celebahq256.py "$d" "$b" paper256
+    official paper256 "$d" "$b" paper256
   done
 done
+ours configs/bench_cpu_small.py float32 16 small32
+official small32 float32 16 small32
 [[ $dry == 1 ]] && exit 0
-python3 - "$out" <<'PY'
-import glob, json, sys
-rows = [json.load(open(p)) for p in sorted(glob.glob(f"{sys.argv[1]}/*.json"))]
-print("device | dtype | batch | compile s | train img/s | sample img-steps/s | TFLOP/s | MFU | peak GB")
-for r in rows:
-    print(f"{r['device']} | {r['compute_dtype']} | {r['batch_size']} | {r['compile_s']:.1f} | "
-          f"{r['train_images_per_s']:.2f} | {r['sample_image_steps_per_s']:.1f} | "
-          f"{r['train_tflops_per_s']:.1f} | {r.get('mfu', float('nan')):.3f} | "
-          f"{r['peak_device_memory_gb'] or float('nan'):.1f}")
-PY
+python3 "$here/bench_table.py" "$out" | tee "$out/table.md"

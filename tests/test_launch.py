@@ -1,6 +1,8 @@
 """Launch scripts: argument checks and dry runs."""
+import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -61,8 +63,44 @@ def test_gpu_bench_dry_run():
   r = _run("gpu_bench.sh", "--dry-run")
   assert r.returncode == 0, r.stderr
   lines = r.stdout.strip().splitlines()
-  assert len(lines) == 6  # 3 batches × 2 dtypes
-  assert "--config.data.batch_size=32" in lines[-1]
-  assert "--config.train.compute_dtype=bfloat16" in lines[-1]
+  assert len(lines) == 14  # (3 batches × 2 dtypes + small32) × (ours, official)
+  ours = [l for l in lines if "diffusion_jax.bench" in l]
+  official = [l for l in lines if "baseline_bench.py" in l]
+  assert len(ours) == len(official) == 7
+  assert "--config.data.batch_size=32" in ours[5] and "compute_dtype=bfloat16" in ours[5]
+  assert "--case paper256 --dtype bfloat16 --batch 32 --device cuda" in official[5]
+  assert "--case small32 --dtype float32 --batch 16" in official[6]
+  no_base = _run("gpu_bench.sh", "--dry-run", "--no-baseline").stdout.strip().splitlines()
+  assert len(no_base) == 7 and not any("baseline_bench" in l for l in no_base)
   bad = _run("gpu_bench.sh", "--dtypes", "float16")
   assert bad.returncode == 2 and "float32 or bfloat16" in bad.stderr
+  missing = _run("gpu_bench.sh", "--baseline-dir", "/nonexistent", "--batches", "8")
+  assert missing.returncode == 2 and "--no-baseline" in missing.stderr
+
+
+def test_baseline_bench_refuses_a_missing_checkout():
+  r = subprocess.run([sys.executable, os.path.join(LAUNCH, "baseline_bench.py"),
+                      "--baseline_dir", "/nonexistent"], capture_output=True, text=True,
+                     timeout=60)
+  assert r.returncode == 2 and "no official code at /nonexistent" in r.stderr
+
+
+def test_bench_table_pairs_rows_and_ratios(tmp_path):
+  ours = {"device": "1× GPU", "batch_size": 8, "compute_dtype": "float32", "compile_s": 70.0,
+          "train_images_per_s": 100.0, "sample_image_steps_per_s": 400.0,
+          "train_step_tflop": 9.0, "train_tflops_per_s": 112.5, "mfu": 0.25,
+          "peak_device_memory_gb": 30.0}
+  (tmp_path / "ours_paper256_float32_b8.json").write_text(json.dumps(ours, indent=1))
+  (tmp_path / "official_paper256_float32_b8.json").write_text(
+      "progress text\n" + json.dumps({"train_images_per_s": 50.0, "torch": "2.x",
+                                      "sample_image_steps_per_s": 100.0}))
+  (tmp_path / "official_paper256_bfloat16_b8.json").write_text("")  # a row that died
+  table = subprocess.run([sys.executable, os.path.join(LAUNCH, "bench_table.py"),
+                          str(tmp_path)], capture_output=True, text=True, timeout=60)
+  assert table.returncode == 0, table.stderr
+  rows = [l for l in table.stdout.splitlines() if l.startswith("| paper256")]
+  assert len(rows) == 2
+  assert "| 2.00× |" in rows[0] and "| 4.00× |" in rows[0]
+  # The official row's TFLOP/s: our step's FLOPs at its speed (9 TFLOP × 50/8 per s).
+  assert "| 56.2 | 0.125 |" in rows[1]
+  assert "skipped official_paper256_bfloat16_b8" in table.stderr
