@@ -1,9 +1,12 @@
-"""guided-diffusion / Debias PyTorch checkpoints ⇄ Flax UNet parameters.
+"""PyTorch checkpoints ⇄ Flax parameters, for every architecture in `models`:
+guided-diffusion / Debias UNets and facebookresearch/DiT transformers.
 
-Flax submodules carry their PyTorch module paths as names (see `models.unet`), so a
-PyTorch key is the Flax path joined by "." plus the PyTorch leaf name. Layouts:
-conv weights (O, I, kh, kw) ⇄ kernels (kh, kw, I, O); linear (O, I) and 1×1 conv1d
-(O, I, 1) ⇄ dense kernels (I, O); GroupNorm weight ⇄ scale; Embedding ⇄ embedding.
+Flax submodules carry their PyTorch module paths as names (see `models.unet`,
+`models.dit`), so a PyTorch key is the Flax path joined by "." plus the PyTorch leaf
+name. Layouts: conv weights (O, I, kh, kw) ⇄ kernels (kh, kw, I, O); linear (O, I) and
+1×1 conv1d (O, I, 1; the architecture's TORCH_CONV1D) ⇄ dense kernels (I, O); GroupNorm
+weight ⇄ scale; Embedding ⇄ embedding. Entries that are constants in Flax (DiT's fixed
+`pos_embed`) are checked against the model's value on import and written on export.
 
 Reading checkpoint files is a security boundary: `.safetensors` and `.npz` are read
 without pickle; `.pt` (torch's zip format) goes through `torch_archive`, a restricted
@@ -23,11 +26,10 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
-from diffusion_jax.models import init_params
+from diffusion_jax import models
 from diffusion_jax import paths
 from diffusion_jax import torch_archive
 
-_CONV1D = ("qkv", "proj_out")  # Conv1d(k=1) in PyTorch, Dense in Flax
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight",
                   "bias": "bias"}
 
@@ -38,7 +40,7 @@ class CheckpointMismatchError(ValueError):
 
 def param_shapes(model) -> dict[tuple, tuple]:
   """Flattened Flax param paths -> shapes, without allocating parameters."""
-  shapes = jax.eval_shape(lambda k: init_params(model, k), jax.random.PRNGKey(0))
+  shapes = jax.eval_shape(lambda k: models.init_params(model, k), jax.random.PRNGKey(0))
   return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes).items()}
 
 
@@ -46,12 +48,12 @@ def torch_key(path: tuple) -> str:
   return ".".join(path[:-1] + (_LEAF_TO_TORCH[path[-1]],))
 
 
-def _to_torch_layout(path: tuple, value: np.ndarray) -> np.ndarray:
+def _to_torch_layout(path: tuple, value: np.ndarray, conv1d=()) -> np.ndarray:
   if path[-1] != "kernel":
     return value
   if value.ndim == 4:
     return value.transpose(3, 2, 0, 1)
-  if path[-2] in _CONV1D:
+  if path[-2].split(".")[-1] in conv1d:
     return value.T[:, :, None]
   return value.T
 
@@ -68,35 +70,12 @@ def _from_torch_layout(path: tuple, value: np.ndarray) -> np.ndarray:
 
 def expected_torch_shapes(model) -> dict[str, tuple]:
   """The PyTorch state_dict keys and shapes that `model` corresponds to."""
-  out = {}
+  arch = models.architecture_of(model)
+  out = {k: v.shape for k, v in arch.torch_constants(model).items()}
   for path, shape in param_shapes(model).items():
-    out[torch_key(path)] = _to_torch_layout(path, np.empty(shape, np.uint8)).shape
+    out[torch_key(path)] = _to_torch_layout(path, np.empty(shape, np.uint8),
+                                            arch.TORCH_CONV1D).shape
   return out
-
-
-def _likely_causes(missing, unexpected, wrong_shape) -> list[str]:
-  keys = set(missing) | set(unexpected)
-  hints = []
-  if "label_emb.weight" in keys:
-    hints.append("class_cond (the checkpoint %s a label embedding)" %
-                 ("has" if "label_emb.weight" in unexpected else "lacks"))
-  if any(re.match(r"(input|output)_blocks\.\d+\.\d+\.(in_layers|op|conv)", k) for k in keys):
-    hints.append("num_res_blocks, channel_mult, image_size or resblock_updown (the block "
-                 "structure differs)")
-  if any(".qkv." in k or ".norm." in k for k in keys):
-    hints.append("attention_resolutions (attention blocks sit at other resolutions)")
-  if any(".skip_connection." in k for k in keys):
-    hints.append("num_channels or channel_mult (skip convolutions differ)")
-  if "out.2.weight" in wrong_shape:
-    hints.append("learn_sigma (the output has %d channels in the file, %d in the model)"
-                 % (wrong_shape["out.2.weight"][0][0], wrong_shape["out.2.weight"][1][0]))
-  if any(k.startswith("time_embed.") for k in wrong_shape):
-    hints.append("num_channels")
-  if any(".emb_layers." in k for k in wrong_shape):
-    hints.append("use_scale_shift_norm (embedding projections are 2× wide with it)")
-  if wrong_shape and not hints:
-    hints.append("num_channels or channel_mult")
-  return hints
 
 
 def validate_state_dict(state_dict: Mapping[str, np.ndarray], model) -> None:
@@ -117,29 +96,41 @@ def validate_state_dict(state_dict: Mapping[str, np.ndarray], model) -> None:
                  + (" ..." if len(unexpected) > 20 else ""))
   for k, (got, want) in list(wrong.items())[:20]:
     lines.append(f"Shape of {k}: file {got}, model {want}")
-  lines.append("Likely cause: " + "; ".join(_likely_causes(missing, unexpected, wrong))
+  hints = models.architecture_of(model).mismatch_hints(missing, unexpected, wrong)
+  lines.append("Likely cause: " + "; ".join(hints)
                + ". Fix the model config to match the checkpoint.")
   raise CheckpointMismatchError("\n".join(lines))
 
 
 def torch_to_flax(state_dict: Mapping[str, np.ndarray], model) -> dict:
-  """Flax params (float32 pytree) from a guided-diffusion UNet state_dict of arrays."""
+  """Flax params (float32 pytree) for `model` from its PyTorch state_dict of arrays
+  (guided-diffusion's UNet or the official DiT)."""
   state_dict = {k: np.asarray(v) for k, v in state_dict.items()}
   validate_state_dict(state_dict, model)
+  for key, value in models.architecture_of(model).torch_constants(model).items():
+    if not np.allclose(state_dict[key], value, rtol=1e-5, atol=1e-6):
+      raise CheckpointMismatchError(
+          f"{key} in the checkpoint differs from the fixed value this model computes "
+          f"(max difference {np.abs(state_dict[key] - value).max():.3g}); the checkpoint "
+          "was not made by this architecture.")
   flat = {path: _from_torch_layout(path, state_dict[torch_key(path)]).astype(np.float32)
           for path in param_shapes(model)}
   return traverse_util.unflatten_dict(flat)
 
 
 def flax_to_torch(params, model) -> dict[str, np.ndarray]:
-  """The guided-diffusion state_dict (key -> float32 numpy array) of Flax `params`."""
+  """The PyTorch state_dict (key -> float32 numpy array) of Flax `params` for `model`."""
   flat = traverse_util.flatten_dict(jax.device_get(params))
   shapes = param_shapes(model)
   if set(flat) != set(shapes):
     raise CheckpointMismatchError(
         f"params do not fit the model: {sorted(set(flat) ^ set(shapes))[:10]}")
-  return {torch_key(p): np.ascontiguousarray(_to_torch_layout(p, np.asarray(v, np.float32)))
-          for p, v in flat.items()}
+  arch = models.architecture_of(model)
+  out = {torch_key(p): np.ascontiguousarray(
+      _to_torch_layout(p, np.asarray(v, np.float32), arch.TORCH_CONV1D))
+         for p, v in flat.items()}
+  out.update(arch.torch_constants(model))
+  return out
 
 
 # --- safe file reading ---
@@ -247,7 +238,7 @@ def step_from_filename(path: str) -> int:
 
 
 def convert_checkpoint(path: str, config, workdir: str) -> int:
-  """Imports a PyTorch UNet checkpoint into WORKDIR as a train-state checkpoint.
+  """Imports a PyTorch checkpoint (UNet or DiT, per config.model) into WORKDIR as a train-state checkpoint.
 
   The weights become both the params and every EMA params; optimiser and sampler
   states start fresh, so the workdir can be sampled, evaluated or fine-tuned. Refuses

@@ -1,100 +1,119 @@
-"""Model construction with guided-diffusion's `create_model` arguments."""
+"""Denoising networks by name, and the one way the rest of the system calls them.
+
+Every module in this package that defines `ARCHITECTURE_NAME` is an architecture and
+provides:
+  CONFIG_FIELDS               config.model's fields and defaults (with `name`);
+  create(**kwargs)            the model from its own constructor arguments;
+  from_config(fields, dtype, attention_impl)   the model config.model describes;
+  init_params(model, key, batch_size)          float32 params;
+  TORCH_CONV1D, torch_constants(model), mismatch_hints(...)   for `convert`.
+Its model is called as `model.apply({"params": p}, x_nhwc, t, y=None, train=False,
+rngs={"dropout": k})` and returns (B, H, W, out_channels) float32. Adding an
+architecture therefore means adding its module (plus a config and a test); nothing
+here or elsewhere changes.
+
+Fields every architecture's config has, because the data, sampling and evaluation
+code reads them: image_size, in_channels, learn_sigma, class_cond, num_classes.
+"""
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from types import ModuleType
+from typing import Callable
+
 import jax
-import jax.numpy as jnp
 
-from diffusion_jax.models.unet import ATTENTION_IMPLS, UNetModel
+from diffusion_jax.models.unet import ATTENTION_IMPLS, UNetModel, parse_channel_mult
 
-NUM_CLASSES = 1000
-# guided-diffusion's channel multipliers per image size (32 from improved-diffusion).
-DEFAULT_CHANNEL_MULT = {
-    512: (0.5, 1, 1, 2, 2, 4, 4),
-    256: (1, 1, 2, 2, 4, 4),
-    128: (1, 1, 2, 3, 4),
-    64: (1, 2, 3, 4),
-    32: (1, 2, 2, 2),
-}
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DEFAULT_ARCHITECTURE = "adm_unet"
+COMMON_FIELDS = ("image_size", "in_channels", "learn_sigma", "class_cond", "num_classes")
 
 
-def parse_channel_mult(channel_mult, image_size: int) -> tuple:
-  """A channel_mult string ("" for the default, or "1,2,2,2") or sequence, validated."""
-  if channel_mult in ("", None):
-    if image_size not in DEFAULT_CHANNEL_MULT:
-      raise ValueError(f"No default channel_mult for image_size={image_size}; the defaults "
-                       f"cover {sorted(DEFAULT_CHANNEL_MULT)}. Set channel_mult, e.g. '1,2,2'.")
-    mult = DEFAULT_CHANNEL_MULT[image_size]
-  elif isinstance(channel_mult, str):
-    mult = tuple(float(m) if "." in m else int(m) for m in channel_mult.split(","))
-  else:
-    mult = tuple(channel_mult)
-  factor = 2 ** (len(mult) - 1)
-  if image_size % factor:
-    raise ValueError(f"image_size={image_size} is not divisible by {factor}, the total "
-                     f"downsampling of channel_mult={mult}; pick a channel_mult with fewer "
-                     f"levels or an image size divisible by {factor}.")
-  return mult
+def _discover() -> dict[str, ModuleType]:
+  found = {}
+  for info in pkgutil.iter_modules(__path__):
+    module = importlib.import_module(f"{__name__}.{info.name}")
+    name = getattr(module, "ARCHITECTURE_NAME", None)
+    if name:
+      found[name] = module
+  return found
 
 
-def create_model(image_size: int, num_channels: int, num_res_blocks: int,
-                 channel_mult="", learn_sigma: bool = False, class_cond: bool = False,
-                 use_checkpoint: bool = False, attention_resolutions: str = "16",
-                 num_heads: int = 1, num_head_channels: int = -1,
-                 num_heads_upsample: int = -1, use_scale_shift_norm: bool = False,
-                 dropout: float = 0.0, resblock_updown: bool = False,
-                 use_fp16: bool = False, use_new_attention_order: bool = False,
-                 num_classes: int = NUM_CLASSES, in_channels: int = 3,
-                 dtype: str = "float32", attention_impl: str = "einsum") -> UNetModel:
-  """The ADM UNet exactly as guided-diffusion's `create_model` builds it.
-
-  `attention_resolutions` lists resolutions ("32,16,8"); `use_fp16` is accepted for
-  argument compatibility and means dtype="bfloat16" here. `in_channels` (3 in the
-  reference) allows grey images; `dtype` is the compute dtype; `attention_impl` is
-  "einsum" (the reference's arithmetic) or "fused" (`jax.nn.dot_product_attention`).
-  """
-  mult = parse_channel_mult(channel_mult, image_size)
-  attention_ds = []
-  for res in str(attention_resolutions).split(","):
-    res = int(res)
-    if res <= 0 or image_size % res:
-      raise ValueError(f"attention resolution {res} does not divide image_size={image_size}.")
-    attention_ds.append(image_size // res)
-  if use_fp16:
-    dtype = "bfloat16"
-  if dtype not in _DTYPES:
-    raise ValueError(f"Unknown dtype {dtype!r}; choose one of {list(_DTYPES)}.")
-  if attention_impl not in ATTENTION_IMPLS:
-    raise ValueError(f"Unknown attention implementation {attention_impl!r}; choose one of "
-                     f"{list(ATTENTION_IMPLS)}.")
-  return UNetModel(
-      image_size=image_size,
-      in_channels=in_channels,
-      model_channels=num_channels,
-      out_channels=in_channels * (2 if learn_sigma else 1),
-      num_res_blocks=num_res_blocks,
-      attention_resolutions=tuple(attention_ds),
-      dropout=dropout,
-      channel_mult=mult,
-      num_classes=num_classes if class_cond else None,
-      use_checkpoint=use_checkpoint,
-      dtype=_DTYPES[dtype],
-      num_heads=num_heads,
-      num_head_channels=num_head_channels,
-      num_heads_upsample=num_heads_upsample,
-      use_scale_shift_norm=use_scale_shift_norm,
-      resblock_updown=resblock_updown,
-      use_new_attention_order=use_new_attention_order,
-      attention_impl=attention_impl,
-  )
+ARCHITECTURES = _discover()
 
 
-def init_params(model: UNetModel, key, batch_size: int = 1):
-  """Float32 parameters for `model` (a pytree)."""
-  x = jnp.zeros((batch_size, model.image_size, model.image_size, model.in_channels))
-  t = jnp.zeros((batch_size,), jnp.int32)
-  y = jnp.zeros((batch_size,), jnp.int32) if model.num_classes else None
-  return jax.jit(model.init)({"params": key, "dropout": key}, x, t, y)["params"]
+def architecture(name: str) -> ModuleType:
+  """The architecture module registered as `name`."""
+  if name not in ARCHITECTURES:
+    raise ValueError(f"Unknown model.name {name!r}; choose one of {sorted(ARCHITECTURES)}.")
+  return ARCHITECTURES[name]
 
 
-__all__ = ["UNetModel", "create_model", "init_params", "parse_channel_mult"]
+def architecture_of(model) -> ModuleType:
+  """The architecture module that built `model`."""
+  for module in ARCHITECTURES.values():
+    if type(model).__module__ == module.__name__:
+      return module
+  raise TypeError(f"{type(model).__name__} is not a registered architecture's model.")
+
+
+def name_of(model_config) -> str:
+  """config.model's architecture name (configs saved before names existed are UNets)."""
+  return dict(model_config).get("name", DEFAULT_ARCHITECTURE)
+
+
+def config_fields(name: str = DEFAULT_ARCHITECTURE) -> dict:
+  """A fresh copy of the architecture's config fields and defaults."""
+  return dict(architecture(name).CONFIG_FIELDS)
+
+
+def validate_model_config(model_config) -> None:
+  """ValueError naming any unknown or missing field of config.model, or a bad value."""
+  fields = dict(model_config)
+  name = name_of(fields)
+  known = set(config_fields(name))
+  unknown = sorted(set(fields) - known - {"name"})
+  if unknown:
+    raise ValueError(f"Unknown model field(s) {unknown} for model.name={name!r}; its "
+                     f"fields are {sorted(known - {'name'})}.")
+  missing = sorted(set(COMMON_FIELDS) - set(fields))
+  if missing:
+    raise ValueError(f"config.model lacks {missing}; start from models.config_fields"
+                     f"({name!r}).")
+  from_config(fields, "float32", "einsum")  # the constructor's own checks
+
+
+def create_model(name: str = DEFAULT_ARCHITECTURE, **kwargs):
+  """A model from the architecture's own constructor arguments: guided-diffusion's
+  `create_model` arguments for "adm_unet" (the default), DiT's for "dit"."""
+  return architecture(name).create(**kwargs)
+
+
+def from_config(model_config, dtype: str = "float32", attention_impl: str = "einsum"):
+  """The model that config.model describes, computing in `dtype`."""
+  fields = dict(model_config)
+  return architecture(name_of(fields)).from_config(fields, dtype, attention_impl)
+
+
+def init_params(model, key, batch_size: int = 1):
+  """Float32 parameters for `model` (a pytree), for any registered architecture."""
+  return architecture_of(model).init_params(model, key, batch_size)
+
+
+def bind(model, params, labels=None, *, train: bool = False,
+         dropout_key: jax.Array | None = None) -> Callable:
+  """model_fn(x, t) -> model output: `model` applied with `params` and class `labels`
+  (None for an unconditional model). train=True enables dropout (and DiT's label
+  dropout), drawing from `dropout_key`."""
+  rngs = {"dropout": dropout_key} if dropout_key is not None else None
+
+  def model_fn(x, t):
+    return model.apply({"params": params}, x, t, labels, train=train, rngs=rngs)
+
+  return model_fn
+
+
+__all__ = ["ARCHITECTURES", "ATTENTION_IMPLS", "COMMON_FIELDS", "UNetModel", "architecture",
+           "architecture_of", "bind", "config_fields", "create_model", "from_config",
+           "init_params", "name_of", "parse_channel_mult", "validate_model_config"]

@@ -9,6 +9,7 @@ statistics, the attention softmax, the timestep MLP and the output head stay flo
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -16,12 +17,18 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
+ARCHITECTURE_NAME = "adm_unet"
+
+
+def timestep_frequencies(dim: int, max_period: float = 10000.0) -> jax.Array:
+  """f_i = P^(−i/half) for i < dim // 2, float32 (dim // 2,)."""
+  half = dim // 2
+  return jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
   """Sinusoidal embedding (B,) -> (B, dim) float32: [cos(t·f), sin(t·f)], f_i = P^(−i/half)."""
-  half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  freqs = timestep_frequencies(dim, max_period)
   args = t.astype(jnp.float32)[:, None] * freqs[None]
   emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
   if dim % 2:
@@ -293,3 +300,158 @@ class UNetModel(nn.Module):
     h = h.astype(jnp.float32)
     h = nn.silu(_group_norm(_norm("out.0"), h))
     return _conv(self.out_channels, "out.2", jnp.float32, zero=True)(h)
+
+
+NUM_CLASSES = 1000
+# guided-diffusion's channel multipliers per image size (32 from improved-diffusion).
+DEFAULT_CHANNEL_MULT = {
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+    32: (1, 2, 2, 2),
+}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def parse_channel_mult(channel_mult, image_size: int) -> tuple:
+  """A channel_mult string ("" for the default, or "1,2,2,2") or sequence, validated."""
+  if channel_mult in ("", None):
+    if image_size not in DEFAULT_CHANNEL_MULT:
+      raise ValueError(f"No default channel_mult for image_size={image_size}; the defaults "
+                       f"cover {sorted(DEFAULT_CHANNEL_MULT)}. Set channel_mult, e.g. '1,2,2'.")
+    mult = DEFAULT_CHANNEL_MULT[image_size]
+  elif isinstance(channel_mult, str):
+    mult = tuple(float(m) if "." in m else int(m) for m in channel_mult.split(","))
+  else:
+    mult = tuple(channel_mult)
+  factor = 2 ** (len(mult) - 1)
+  if image_size % factor:
+    raise ValueError(f"image_size={image_size} is not divisible by {factor}, the total "
+                     f"downsampling of channel_mult={mult}; pick a channel_mult with fewer "
+                     f"levels or an image size divisible by {factor}.")
+  return mult
+
+
+def create(image_size: int, num_channels: int, num_res_blocks: int,
+                 channel_mult="", learn_sigma: bool = False, class_cond: bool = False,
+                 use_checkpoint: bool = False, attention_resolutions: str = "16",
+                 num_heads: int = 1, num_head_channels: int = -1,
+                 num_heads_upsample: int = -1, use_scale_shift_norm: bool = False,
+                 dropout: float = 0.0, resblock_updown: bool = False,
+                 use_fp16: bool = False, use_new_attention_order: bool = False,
+                 num_classes: int = NUM_CLASSES, in_channels: int = 3,
+                 dtype: str = "float32", attention_impl: str = "einsum") -> UNetModel:
+  """The ADM UNet exactly as guided-diffusion's `create_model` builds it.
+
+  `attention_resolutions` lists resolutions ("32,16,8"); `use_fp16` is accepted for
+  argument compatibility and means dtype="bfloat16" here. `in_channels` (3 in the
+  reference) allows grey images; `dtype` is the compute dtype; `attention_impl` is
+  "einsum" (the reference's arithmetic) or "fused" (`jax.nn.dot_product_attention`).
+  """
+  mult = parse_channel_mult(channel_mult, image_size)
+  attention_ds = []
+  for res in str(attention_resolutions).split(","):
+    res = int(res)
+    if res <= 0 or image_size % res:
+      raise ValueError(f"attention resolution {res} does not divide image_size={image_size}.")
+    attention_ds.append(image_size // res)
+  if use_fp16:
+    dtype = "bfloat16"
+  if dtype not in _DTYPES:
+    raise ValueError(f"Unknown dtype {dtype!r}; choose one of {list(_DTYPES)}.")
+  if attention_impl not in ATTENTION_IMPLS:
+    raise ValueError(f"Unknown attention implementation {attention_impl!r}; choose one of "
+                     f"{list(ATTENTION_IMPLS)}.")
+  return UNetModel(
+      image_size=image_size,
+      in_channels=in_channels,
+      model_channels=num_channels,
+      out_channels=in_channels * (2 if learn_sigma else 1),
+      num_res_blocks=num_res_blocks,
+      attention_resolutions=tuple(attention_ds),
+      dropout=dropout,
+      channel_mult=mult,
+      num_classes=num_classes if class_cond else None,
+      use_checkpoint=use_checkpoint,
+      dtype=_DTYPES[dtype],
+      num_heads=num_heads,
+      num_head_channels=num_head_channels,
+      num_heads_upsample=num_heads_upsample,
+      use_scale_shift_norm=use_scale_shift_norm,
+      resblock_updown=resblock_updown,
+      use_new_attention_order=use_new_attention_order,
+      attention_impl=attention_impl,
+  )
+
+
+def init_params(model: UNetModel, key, batch_size: int = 1):
+  """Float32 parameters for `model` (a pytree)."""
+  x = jnp.zeros((batch_size, model.image_size, model.image_size, model.in_channels))
+  t = jnp.zeros((batch_size,), jnp.int32)
+  y = jnp.zeros((batch_size,), jnp.int32) if model.num_classes else None
+  return jax.jit(model.init)({"params": key, "dropout": key}, x, t, y)["params"]
+
+# The config fields of `config.model` for this architecture (guided-diffusion's
+# `create_model` arguments), with their defaults; see configs/default.py.
+CONFIG_FIELDS = dict(
+    name=ARCHITECTURE_NAME,
+    image_size=32,
+    in_channels=3,
+    num_channels=64,
+    num_res_blocks=1,
+    channel_mult="",             # "" = guided-diffusion's default for image_size
+    attention_resolutions="16",  # resolutions (pixels) with self-attention
+    num_heads=1,
+    num_head_channels=32,        # -1: use num_heads
+    num_heads_upsample=-1,
+    use_scale_shift_norm=True,
+    resblock_updown=True,
+    use_new_attention_order=False,
+    learn_sigma=True,
+    class_cond=False,
+    num_classes=10,
+    dropout=0.0,
+    use_checkpoint=False,        # rematerialise blocks to save memory
+)
+
+
+def from_config(fields: dict, dtype: str, attention_impl: str) -> UNetModel:
+  """The UNet that `config.model` (CONFIG_FIELDS) describes."""
+  kw = {k: v for k, v in dict(fields).items() if k != "name"}
+  return create(**kw, dtype=dtype, attention_impl=attention_impl)
+
+
+# --- guided-diffusion's state_dict conventions (used by diffusion_jax.convert) ---
+
+TORCH_CONV1D = ("qkv", "proj_out")  # Conv1d(k=1) in PyTorch, Dense in Flax
+
+
+def torch_constants(model: UNetModel) -> dict:
+  del model
+  return {}
+
+
+def mismatch_hints(missing, unexpected, wrong_shape) -> list[str]:
+  keys = set(missing) | set(unexpected)
+  hints = []
+  if "label_emb.weight" in keys:
+    hints.append("class_cond (the checkpoint %s a label embedding)" %
+                 ("has" if "label_emb.weight" in unexpected else "lacks"))
+  if any(re.match(r"(input|output)_blocks\.\d+\.\d+\.(in_layers|op|conv)", k) for k in keys):
+    hints.append("num_res_blocks, channel_mult, image_size or resblock_updown (the block "
+                 "structure differs)")
+  if any(".qkv." in k or ".norm." in k for k in keys):
+    hints.append("attention_resolutions (attention blocks sit at other resolutions)")
+  if any(".skip_connection." in k for k in keys):
+    hints.append("num_channels or channel_mult (skip convolutions differ)")
+  if "out.2.weight" in wrong_shape:
+    hints.append("learn_sigma (the output has %d channels in the file, %d in the model)"
+                 % (wrong_shape["out.2.weight"][0][0], wrong_shape["out.2.weight"][1][0]))
+  if any(k.startswith("time_embed.") for k in wrong_shape):
+    hints.append("num_channels")
+  if any(".emb_layers." in k for k in wrong_shape):
+    hints.append("use_scale_shift_norm (embedding projections are 2× wide with it)")
+  if wrong_shape and not hints:
+    hints.append("num_channels or channel_mult")
+  return hints
