@@ -7,30 +7,16 @@ and override any field on the command line, e.g. `--config.diffusion.weighting=p
 """
 import ml_collections
 
+from diffusion_jax import models
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
-  # guided-diffusion `create_model` arguments (see diffusion_jax.models.create_model).
-  c.model = ml_collections.ConfigDict(dict(
-      image_size=32,
-      in_channels=3,
-      num_channels=64,
-      num_res_blocks=1,
-      channel_mult="",             # "" = guided-diffusion's default for image_size
-      attention_resolutions="16",  # resolutions (pixels) with self-attention
-      num_heads=1,
-      num_head_channels=32,        # -1: use num_heads
-      num_heads_upsample=-1,
-      use_scale_shift_norm=True,
-      resblock_updown=True,
-      use_new_attention_order=False,
-      learn_sigma=True,
-      class_cond=False,
-      num_classes=10,
-      dropout=0.0,
-      use_checkpoint=False,        # rematerialise blocks to save memory
-  ))
+  # The network: `name` picks the architecture (diffusion_jax.models.ARCHITECTURES);
+  # the other fields are that architecture's CONFIG_FIELDS. Default: guided-diffusion's
+  # ADM UNet with its `create_model` arguments (see diffusion_jax/models/unet.py).
+  c.model = ml_collections.ConfigDict(models.config_fields("adm_unet"))
 
   c.diffusion = ml_collections.ConfigDict(dict(
       schedule="linear",           # linear | cosine

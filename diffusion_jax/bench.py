@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from diffusion_jax import config_lib
 from diffusion_jax import distributed
+from diffusion_jax import models
 from diffusion_jax import train
 
 FLAGS = flags.FLAGS
@@ -99,7 +100,7 @@ def benchmark(config, runs: int = 10, warmup: int = 2) -> dict:
   @jax.jit
   def sample_step(params, x):
     from diffusion_jax import samplers  # pylint: disable=import-outside-toplevel
-    fn = lambda xx, tt: model.apply({"params": params}, xx, tt, labels)
+    fn = models.bind(model, params, labels)
     t = jnp.full((x.shape[0],), spaced.num_timesteps // 2, jnp.int32)
     return samplers.ddim_sample(spaced, fn, x, t, jax.random.PRNGKey(0))["sample"]
 

@@ -38,6 +38,8 @@ def _unknown_fields(config, reference, prefix="") -> list[str]:
   out = []
   for key in config.keys():
     name = f"{prefix}{key}"
+    if name == "model":  # checked per architecture (models.validate_model_config)
+      continue
     if key not in reference:
       out.append(name)
     elif isinstance(config[key], ml_collections.ConfigDict) and isinstance(
@@ -190,6 +192,7 @@ def _validate(config, num_devices: int | None) -> None:
   if unknown:
     raise ConfigError(f"Unknown config field(s) {unknown}; see configs/default.py for "
                       "every field.")
+  models.validate_model_config(config.model)
   _validate_train_and_optim(config)
   validate_sample_fields(config)
   validate_eval_fields(config)
@@ -208,7 +211,6 @@ def _validate(config, num_devices: int | None) -> None:
   if config.model.image_size != config.data.image_size:
     raise ValueError(f"model.image_size={config.model.image_size} differs from "
                      f"data.image_size={config.data.image_size}; set them equal.")
-  models.parse_channel_mult(config.model.channel_mult, config.model.image_size)
   if config.train.compute_dtype not in COMPUTE_DTYPES:
     raise ValueError(f"Unknown train.compute_dtype {config.train.compute_dtype!r}; choose "
                      f"one of {list(COMPUTE_DTYPES)}.")
@@ -232,10 +234,9 @@ def _validate(config, num_devices: int | None) -> None:
 
 
 def build_model(config):
-  kw = dict(config.model)
-  kw["dtype"] = config.train.compute_dtype
-  kw["attention_impl"] = config.train.get("attention", "einsum")
-  return models.create_model(**kw)
+  """The network config.model names, computing in train.compute_dtype."""
+  return models.from_config(config.model, config.train.compute_dtype,
+                            config.train.get("attention", "einsum"))
 
 
 def build_diffusion(config) -> diffusion_lib.GaussianDiffusion:
@@ -320,7 +321,9 @@ def model_mismatches(saved: dict, config) -> list[str]:
   diffs = []
   current = json.loads(to_json(config))
   for section, keys in _CHECKPOINT_FIELDS.items():
-    old, new = saved.get(section, {}), current[section]
+    old, new = dict(saved.get(section, {})), current[section]
+    if section == "model":  # saved before architectures had names: a UNet
+      old.setdefault("name", models.name_of(old))
     for key in sorted(keys or set(old) | set(new)):
       a, b = old.get(key), new.get(key)
       if isinstance(a, list) or isinstance(b, list):

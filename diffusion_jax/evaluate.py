@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from diffusion_jax import checkpoints
 from diffusion_jax import config_lib
 from diffusion_jax import input_pipeline
+from diffusion_jax import models
 from diffusion_jax import paths
 from diffusion_jax import samplers
 from diffusion_jax import train
@@ -255,7 +256,7 @@ def _unit_costs(run: Run, inception, config) -> tuple[float, float]:
   x = jax.numpy.zeros((batch, m.image_size, m.image_size, m.in_channels))
   t = jax.numpy.zeros((batch,), jax.numpy.int32)
   labels = t if m.class_cond else None
-  forward = jax.jit(lambda p, x, t: run.model.apply({"params": p}, x, t, labels))
+  forward = jax.jit(lambda p, x, t: models.bind(run.model, p, labels)(x, t))
   timings = []
   for _ in range(2):
     t0 = time.time()

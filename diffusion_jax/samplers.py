@@ -120,7 +120,8 @@ def generate(model, diffusion, params, sample_config, out_dir: str, *, class_con
   # Computed sharded over the batch, returned replicated so every host can read it.
   @functools.partial(jax.jit, out_shardings=replicated)
   def run(p, key, labels):
-    fn = lambda x, t: model.apply({"params": p}, x, t, labels if class_cond else None)
+    from diffusion_jax import models  # pylint: disable=import-outside-toplevel
+    fn = models.bind(model, p, labels if class_cond else None)
     x = sample(diffusion, fn, (bsz,) + tuple(image_shape), key, sampler=sample_config.sampler,
                steps=sample_config.steps, clip_denoised=sample_config.clip_denoised,
                eta=sample_config.eta)

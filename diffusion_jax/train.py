@@ -111,9 +111,8 @@ def make_train_step(config, model, diffusion, tx, timestep_sampler):
   schedule = config_lib.learning_rate_schedule(config)
 
   def loss_fn(params, images, labels, t, weights, noise, dropout_key):
-    def model_fn(x, tt):
-      return model.apply({"params": params}, x, tt, labels if class_cond else None,
-                         train=True, rngs={"dropout": dropout_key})
+    model_fn = models.bind(model, params, labels if class_cond else None, train=True,
+                           dropout_key=dropout_key)
     terms = diffusion.training_losses(model_fn, images, t, noise)
     loss = jnp.mean(terms["loss"] * weights)
     return loss, terms

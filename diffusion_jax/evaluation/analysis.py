@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import models
 from diffusion_jax import paths
 from diffusion_jax import reporting
 
@@ -75,7 +76,7 @@ def x0_error_by_timestep(model, diffusion, params, images, key, buckets: int = 1
       t = jax.random.randint(kt, (x0.shape[0],), lo, hi)
       noise = jax.random.normal(kn, x0.shape, jnp.float32)
       x_t = diffusion.q_sample(x0, t, noise)
-      out = model.apply({"params": p}, x_t, diffusion.model_timesteps(t), y)
+      out = models.bind(model, p, y)(x_t, diffusion.model_timesteps(t))
       mean_part, _ = diffusion.split_model_output(out, x_t)
       x0_hat = diffusion.predict_xstart(x_t, t, mean_part)
       eps_hat = diffusion.predict_eps_from_xstart(x_t, t, x0_hat)

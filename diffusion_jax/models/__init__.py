@@ -84,10 +84,10 @@ def validate_model_config(model_config) -> None:
   from_config(fields, "float32", "einsum")  # the constructor's own checks
 
 
-def create_model(name: str = DEFAULT_ARCHITECTURE, **kwargs):
+def create_model(*args, name: str = DEFAULT_ARCHITECTURE, **kwargs):
   """A model from the architecture's own constructor arguments: guided-diffusion's
   `create_model` arguments for "adm_unet" (the default), DiT's for "dit"."""
-  return architecture(name).create(**kwargs)
+  return architecture(name).create(*args, **kwargs)
 
 
 def from_config(model_config, dtype: str = "float32", attention_impl: str = "einsum"):
