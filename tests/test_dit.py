@@ -177,3 +177,99 @@ def test_dit_xl2_has_the_official_parameter_count():
   model = models.create_model(name="dit", depth=28, hidden_size=1152, patch_size=2,
                               num_heads=16)
   assert sum(int(np.prod(s)) for s in convert.param_shapes(model).values()) == 674_834_720
+
+
+# --- the DiT through the whole system: train, sample, resume, compare ---
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SMALL = ["--config.train.num_steps=12", "--config.train.checkpoint_every=4",
+          "--config.train.log_every=4", "--config.train.sample_every=0",
+          "--config.model.hidden_size=32", "--config.model.depth=2",
+          "--config.model.num_heads=2", "--config.data.dataset=digits",
+          "--config.sample.num_samples=4", "--config.sample.batch_size=4",
+          "--config.sample.steps=3", "--config.eval.classifier=False"]
+
+
+def _env():
+  return dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+              XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+
+def _cli(workdir, *args, mode="train"):
+  return [sys.executable, "-m", "diffusion_jax.main", "--config=configs/dit_quickstart.py",
+          f"--workdir={workdir}", f"--mode={mode}", *_SMALL, *args]
+
+
+def test_one_dit_step_lowers_the_loss_on_a_fixed_batch():
+  from configs import dit_quickstart  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import config_lib, input_pipeline, train  # pylint: disable=import-outside-toplevel
+  c = dit_quickstart.get_config()
+  c.model.update(hidden_size=32, depth=2, num_heads=2)
+  c.data.update(dataset="digits", batch_size=8)
+  c.optim.update(lr=3e-3, warmup_steps=0, lr_schedule="constant")
+  config_lib.validate_config(c, num_devices=jax.device_count())
+  components = config_lib.build(c)
+  mesh = train.make_mesh(c)
+  state, shardings = train.create_train_state(c, components.model, components.tx,
+                                              components.timestep_sampler, mesh)
+  step = jax.jit(train.make_train_step(c, *components))
+  batch = {k: jnp.asarray(v) for k, v in next(input_pipeline.create_iterator(c.data, 0)).items()}
+  del shardings
+  losses = []
+  for _ in range(8):
+    state = state.replace(step=jnp.zeros((), jnp.int32))  # the same t and noise each time
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.slow  # two 12-step DiT runs through the CLI (~2 min)
+def test_dit_quickstart_trains_samples_and_resumes_bitwise_after_sigkill(tmp_path):
+  import random  # pylint: disable=import-outside-toplevel
+  import signal  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import train  # pylint: disable=import-outside-toplevel
+  ref = subprocess.run(_cli(tmp_path / "ref"), env=_env(), cwd=REPO, capture_output=True,
+                       text=True, timeout=600)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  assert (tmp_path / "ref" / "samples.png").exists()
+  proc = subprocess.Popen(_cli(tmp_path / "killed"), env=_env(), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt = tmp_path / "killed" / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (ckpt.exists() and any(
+      p.name.isdigit() for p in ckpt.iterdir())):
+    time.sleep(0.05)
+  time.sleep(random.uniform(0.0, 0.3))
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) < 12
+  rerun = subprocess.run(_cli(tmp_path / "killed"), env=_env(), cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  a = train.load_checkpoint(str(tmp_path / "ref"))
+  b = train.load_checkpoint(str(tmp_path / "killed"))
+  assert int(a.step) == int(b.step) == 12
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  sample = subprocess.run(_cli(tmp_path / "ref", mode="sample"), env=_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+  assert sample.returncode == 0, sample.stderr[-3000:]
+
+
+@pytest.mark.slow  # trains and evaluates two tiny DiT runs (~3 min)
+def test_dit_compare_constant_and_debias(tmp_path):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  r = subprocess.run(_cli(tmp_path, "--config.compare.weightings=constant,debias",
+                          "--config.eval.num_samples=8", "--config.eval.num_reference=16",
+                          "--config.eval.colour_num_samples=4",
+                          "--config.eval.x0_num_examples=8", "--config.eval.x0_buckets=4",
+                          "--config.eval.steps=2,3", "--config.eval.colour_steps=2",
+                          "--config.eval.batch_size=4", "--config.eval.samplers=ddim",
+                          "--config.eval.train_curve=False", mode="compare"),
+                     env=_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  report = (tmp_path / "report.md").read_text()
+  assert "constant" in report and "debias" in report
+  assert "| FID" in report or "FID" in report
