@@ -90,6 +90,9 @@ def get_config() -> ml_collections.ConfigDict:
       num_samples=64,
       batch_size=64,
       clip_denoised=True,
+      thresholding=False,          # dynamic thresholding of x̂0 instead of clipping
+      order=2,                     # solvers: unipc 1–3; dpm_solver++ is 2nd order (2)
+      skip_type="logSNR",          # solvers' time grid: logSNR | time_uniform
       ema_rate=-1.0,               # which EMA to sample (-1: the first)
       seed=0,
       save_npz=True,

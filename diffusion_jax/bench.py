@@ -69,9 +69,10 @@ def _peak(dtype: str):
 def benchmark(config, runs: int = 10, warmup: int = 2) -> dict:
   """The benchmark's numbers for `config` (see the module docstring)."""
   config_lib.validate_config(config)
-  model, diffusion, tx, sampler = config_lib.build(config)
+  components, settings = config_lib.build(config), config_lib.train_settings(config)
+  model, diffusion = components.model, components.diffusion
   mesh = train.make_mesh(config)
-  state, shardings = train.create_train_state(config, model, tx, sampler, mesh)
+  state, shardings = train.create_train_state(components, settings, mesh)
   m, bsz = config.model, config.data.batch_size
   rng = np.random.default_rng(0)
   batch_sharding = train.batch_sharding(mesh)
@@ -79,9 +80,7 @@ def benchmark(config, runs: int = 10, warmup: int = 2) -> dict:
                                                        m.in_channels)).astype(np.float32),
                                    batch_sharding),
            "label": jax.device_put(np.zeros((bsz,), np.int32), batch_sharding)}
-  step = jax.jit(train.make_train_step(config, model, diffusion, tx, sampler),
-                 in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                 donate_argnums=0)
+  step = train.jit_train_step(components, settings, mesh, shardings)
   t0 = time.perf_counter()
   lowered = step.lower(state, batch)
   compiled = lowered.compile()

@@ -18,6 +18,7 @@ from absl import logging
 from etils import epath
 
 from diffusion_jax import config_lib
+from diffusion_jax import models
 from diffusion_jax import paths
 
 ITEMS = ("state", "data_iter", "config")
@@ -196,13 +197,13 @@ def _restore_step(manager, step: int, state, shardings, config):
     saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   except Exception as e:  # pylint: disable=broad-except
     raise _Unreadable(f"its config cannot be read ({_one_line(e)})") from None
-  diffs = config_lib.model_mismatches(saved.config, config)
+  diffs = model_mismatches(saved.config, config)
   if diffs:
     raise CheckpointConfigError(
         f"The checkpoint at {where} was trained with a different configuration:\n  "
         + "\n  ".join(diffs) + "\nUse a new --workdir, or set these fields as in the "
         "checkpoint. The checkpoint was left untouched.")
-  changes = config_lib.objective_changes(saved.config, config)
+  changes = objective_changes(saved.config, config)
   if changes and not config.train.allow_objective_change:
     raise CheckpointConfigError(
         f"The checkpoint at {where} was trained under another objective:\n  "
@@ -258,7 +259,7 @@ def saved_config_matching(workdir: str, config):
   """The config saved with `workdir`'s latest checkpoint; CheckpointConfigError when its
   model (or other checkpoint-defining) fields differ from `config`'s."""
   saved = saved_config(workdir)
-  mismatch = config_lib.model_mismatches(json.loads(config_lib.to_json(saved)), config)
+  mismatch = model_mismatches(json.loads(config_lib.to_json(saved)), config)
   if mismatch:
     raise CheckpointConfigError(
         f"The checkpoint in {workdir} was trained with a different configuration:\n  "
@@ -276,3 +277,43 @@ def restore_state(workdir: str, abstract_state, step: int | None = None):
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target)))
   return restored.state
+
+
+# Fields that change what a checkpoint means or its structure.
+CHECKPOINT_FIELDS = {"model": None,
+                     "diffusion": ("schedule", "num_timesteps", "target", "var_type"),
+                     "optim": ("ema_rates",)}
+
+
+# Fields that define the training objective: changing them on resume is deliberate only.
+OBJECTIVE_FIELDS = ("diffusion.weighting", "diffusion.weighting_params", "diffusion.loss_type",
+                    "diffusion.timestep_sampler")
+
+
+def objective_changes(saved: dict, config) -> list[str]:
+  """OBJECTIVE_FIELDS whose values differ between a checkpoint's config and `config`."""
+  current = json.loads(config_lib.to_json(config))
+  diffs = []
+  for field in OBJECTIVE_FIELDS:
+    section, key = field.split(".")
+    a, b = saved.get(section, {}).get(key), current[section][key]
+    if a != b:
+      diffs.append(f"{field}: checkpoint {a!r}, config {b!r}")
+  return diffs
+
+
+def model_mismatches(saved: dict, config) -> list[str]:
+  """Fields that make a checkpoint saved under config `saved` (a dict) unusable here."""
+  diffs = []
+  current = json.loads(config_lib.to_json(config))
+  for section, keys in CHECKPOINT_FIELDS.items():
+    old, new = dict(saved.get(section, {})), current[section]
+    if section == "model":  # saved before architectures had names: a UNet
+      old.setdefault("name", models.name_of(old))
+    for key in sorted(keys or set(old) | set(new)):
+      a, b = old.get(key), new.get(key)
+      if isinstance(a, list) or isinstance(b, list):
+        a, b = list(a or []), list(b or [])
+      if a != b:
+        diffs.append(f"{section}.{key}: checkpoint {a!r}, config {b!r}")
+  return diffs

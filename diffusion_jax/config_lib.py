@@ -23,11 +23,6 @@ from diffusion_jax import weighting as weighting_lib
 COMPUTE_DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("einsum", "fused")
 NAN_POLICIES = ("halt", "skip")
-# Fields that change what a checkpoint means or its structure.
-_CHECKPOINT_FIELDS = {"model": None,
-                      "diffusion": ("schedule", "num_timesteps", "target", "var_type"),
-                      "optim": ("ema_rates",)}
-
 
 def _default_config():
   from configs import default  # pylint: disable=import-outside-toplevel
@@ -88,6 +83,14 @@ def validate_sample_fields(config) -> None:
     _require(isinstance(s[name], int) and s[name] >= 1, f"sample.{name}", s[name],
              "must be a positive integer")
   _require(math.isfinite(s.eta) and s.eta >= 0, "sample.eta", s.eta, "must be ≥ 0")
+  _require(isinstance(s.thresholding, bool), "sample.thresholding", s.thresholding,
+           "must be True or False")
+  samplers.solver_options(s.sampler, s.order, s.skip_type, s.thresholding)
+  if s.sampler not in samplers.solvers.SOLVERS:
+    for name, default in samplers.SOLVER_DEFAULTS.items():
+      _require(s[name] == default, f"sample.{name}", s[name],
+               f"applies to the solvers {list(samplers.solvers.SOLVERS)}, not to "
+               f"sampler={s.sampler!r}; leave it at {default!r}")
   _ema_choice(s.ema_rate, "sample.ema_rate")
 
 
@@ -102,6 +105,8 @@ def validate_eval_fields(config) -> None:
   for sampler in name_list(e.samplers) + [e.colour_sampler]:
     _require(sampler in samplers.SAMPLERS, "eval.samplers/colour_sampler", sampler,
              f"choose from {list(samplers.SAMPLERS)}")
+    s = config.sample  # evaluation samples with config.sample's solver settings
+    samplers.solver_options(sampler, s.order, s.skip_type, s.thresholding)
   for name in ("num_samples", "num_reference", "colour_num_samples", "x0_num_examples",
                "batch_size", "x0_buckets", "train_curve_steps"):
     _require(isinstance(e[name], int) and e[name] >= 1, f"eval.{name}", e[name],
@@ -197,9 +202,7 @@ def _validate(config, num_devices: int | None) -> None:
   validate_sample_fields(config)
   validate_eval_fields(config)
   d = config.diffusion
-  diffusion_lib._check_choice("prediction target", d.target, diffusion_lib.TARGETS)  # pylint: disable=protected-access
-  diffusion_lib._check_choice("variance type", d.var_type, diffusion_lib.VAR_TYPES)  # pylint: disable=protected-access
-  diffusion_lib._check_choice("loss type", d.loss_type, diffusion_lib.LOSS_TYPES)  # pylint: disable=protected-access
+  diffusion_lib.check_settings(d.target, d.var_type, d.loss_type)
   resample.TimestepSampler(d.timestep_sampler, d.num_timesteps)
   params = weighting_params(config)
   weighting_lib.loss_weight(d.weighting, np.array([0.5, 2.0]), target=d.target, **params)
@@ -279,6 +282,27 @@ def build(config) -> Components:
                     build_timestep_sampler(config))
 
 
+class TrainSettings(NamedTuple):
+  """The training step's settings beyond the built components.
+
+  ema_rates: one EMA copy per rate; grad_accum_steps: micro-batches per step;
+  class_cond: whether batches' labels reach the model; seed: the state's base RNG;
+  learning_rate: the optimiser's schedule (step -> lr), logged with each step.
+  """
+  ema_rates: tuple
+  grad_accum_steps: int
+  class_cond: bool
+  seed: int
+  learning_rate: Any
+
+
+def train_settings(config) -> TrainSettings:
+  return TrainSettings(ema_rates=tuple(float(r) for r in config.optim.ema_rates),
+                       grad_accum_steps=int(config.optim.grad_accum_steps),
+                       class_cond=bool(config.model.class_cond), seed=int(config.train.seed),
+                       learning_rate=learning_rate_schedule(config))
+
+
 def build_optimizer(config) -> optax.GradientTransformation:
   """AdamW with optional warmup and global-norm clipping."""
   o = config.optim
@@ -297,37 +321,3 @@ def to_json(config) -> str:
 
 def from_json(text: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(text))
-
-
-# Fields that define the training objective: changing them on resume is deliberate only.
-OBJECTIVE_FIELDS = ("diffusion.weighting", "diffusion.weighting_params", "diffusion.loss_type",
-                    "diffusion.timestep_sampler")
-
-
-def objective_changes(saved: dict, config) -> list[str]:
-  """OBJECTIVE_FIELDS whose values differ between a checkpoint's config and `config`."""
-  current = json.loads(to_json(config))
-  diffs = []
-  for field in OBJECTIVE_FIELDS:
-    section, key = field.split(".")
-    a, b = saved.get(section, {}).get(key), current[section][key]
-    if a != b:
-      diffs.append(f"{field}: checkpoint {a!r}, config {b!r}")
-  return diffs
-
-
-def model_mismatches(saved: dict, config) -> list[str]:
-  """Fields that make a checkpoint saved under config `saved` (a dict) unusable here."""
-  diffs = []
-  current = json.loads(to_json(config))
-  for section, keys in _CHECKPOINT_FIELDS.items():
-    old, new = dict(saved.get(section, {})), current[section]
-    if section == "model":  # saved before architectures had names: a UNet
-      old.setdefault("name", models.name_of(old))
-    for key in sorted(keys or set(old) | set(new)):
-      a, b = old.get(key), new.get(key)
-      if isinstance(a, list) or isinstance(b, list):
-        a, b = list(a or []), list(b or [])
-      if a != b:
-        diffs.append(f"{section}.{key}: checkpoint {a!r}, config {b!r}")
-  return diffs

@@ -248,9 +248,11 @@ def convert_checkpoint(path: str, config, workdir: str) -> int:
   config_lib.validate_config(config)
   if checkpoints.checkpoint_steps(workdir):
     raise FileExistsError(f"{workdir} already holds checkpoints; convert into a new workdir.")
-  model, _, tx, sampler = config_lib.build(config)
+  components = config_lib.build(config)
+  model, tx = components.model, components.tx
   params = torch_to_flax(read_state_dict(path), model)
-  state = train.init_state(config, model, tx, sampler, jax.random.PRNGKey(0))
+  state = train.init_state(components, config_lib.train_settings(config),
+                           jax.random.PRNGKey(0))
   step = step_from_filename(path)
   state = state.replace(params=params, ema_params=[params] * len(config.optim.ema_rates),
                         opt_state=tx.init(params), step=np.int32(step))

@@ -35,6 +35,13 @@ def _check_choice(kind: str, value: str, choices) -> None:
     raise ValueError(f"Unknown {kind} {value!r}; choose one of {list(choices)}.")
 
 
+def check_settings(target: str, var_type: str, loss_type: str) -> None:
+  """ValueError naming an unknown prediction target, variance type or loss type."""
+  _check_choice("prediction target", target, TARGETS)
+  _check_choice("variance type", var_type, VAR_TYPES)
+  _check_choice("loss type", loss_type, LOSS_TYPES)
+
+
 def mean_flat(x: jax.Array) -> jax.Array:
   """Mean over every axis but the first: (B, ...) -> (B,)."""
   return jnp.mean(x, axis=tuple(range(1, x.ndim)))
@@ -98,9 +105,7 @@ class GaussianDiffusion:
   def __init__(self, betas, *, target: str = "eps", var_type: str = "fixed_small",
                loss_type: str = "mse", weighting: str = "constant",
                weighting_params: dict | None = None, timestep_map=None):
-    _check_choice("prediction target", target, TARGETS)
-    _check_choice("variance type", var_type, VAR_TYPES)
-    _check_choice("loss type", loss_type, LOSS_TYPES)
+    check_settings(target, var_type, loss_type)
     params = dict(weighting_params or {})
     tables = schedules.derived_arrays(betas)
     n = len(tables["betas"])

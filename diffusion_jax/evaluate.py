@@ -13,7 +13,6 @@ or from config.eval.num_reference training images (cached under WORKDIR).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -28,6 +27,7 @@ from diffusion_jax import config_lib
 from diffusion_jax import input_pipeline
 from diffusion_jax import models
 from diffusion_jax import paths
+from diffusion_jax import run as run_lib
 from diffusion_jax import samplers
 from diffusion_jax import train
 from diffusion_jax import weighting as weighting_lib
@@ -54,33 +54,6 @@ def validate_eval_config(config, compare_mode: bool = False) -> None:
     if len(names) < 2 or unknown or len(set(names)) != len(names):
       raise ValueError(f"config.compare.weightings={config.compare.weightings!r}: give two or "
                        f"more distinct names from {weighting_lib.available()}.")
-
-
-@dataclasses.dataclass
-class Run:
-  """One trained model: its EMA params and what is needed to sample from it."""
-  label: str
-  workdir: str
-  config: ml_collections.ConfigDict
-  params: dict
-  train_step: int
-
-  @property
-  def model(self):
-    return config_lib.build_model(self.config)
-
-  @property
-  def diffusion(self):
-    return config_lib.build_diffusion(self.config)
-
-
-def load_run(workdir: str, label: str, ema_rate: float = -1, step: int | None = None) -> Run:
-  """The EMA params of `workdir`'s checkpoint (latest, or `step`)."""
-  saved = checkpoints.saved_config(workdir, step)
-  state = train.load_checkpoint(workdir, step)
-  return Run(label=label, workdir=workdir, config=saved,
-             params=state.ema_params[train.ema_index(saved, ema_rate, "eval.ema_rate")],
-             train_step=int(state.step))
 
 
 def data_images(data_config, num: int, seed: int, split: str | None = None):
@@ -123,15 +96,17 @@ def reference_statistics(config, inception, cache_dir: str) -> dict:
   return ref
 
 
-def sample_images(run: Run, sampler: str, steps: int, num: int, batch_size: int,
-                  seed: int) -> np.ndarray:
-  """uint8 samples of `run`; the same seed gives every run the same starting noise."""
+def sample_images(run: run_lib.Run, sampler: str, steps: int, num: int, batch_size: int,
+                  seed: int, solver_settings=None) -> np.ndarray:
+  """uint8 samples of `run`; the same seed gives every run the same starting noise.
+  solver_settings: order, skip_type and thresholding (default: config.sample's defaults)."""
   m = run.config.model
   n_dev = jax.device_count()
   batch = max(n_dev, min(batch_size, num) // n_dev * n_dev)
   sample_config = ml_collections.ConfigDict(dict(
       sampler=sampler, steps=steps, eta=0.0, num_samples=num, batch_size=batch,
-      clip_denoised=True, seed=seed, save_npz=False, save_individual=False))
+      clip_denoised=True, seed=seed, save_npz=False, save_individual=False,
+      **dict(samplers.SOLVER_DEFAULTS, thresholding=False, **(solver_settings or {}))))
   return samplers.generate(run.model, run.diffusion, run.params, sample_config, "",
                            class_cond=m.class_cond, num_classes=m.num_classes,
                            image_shape=(m.image_size, m.image_size, m.in_channels),
@@ -190,7 +165,7 @@ def _int_keys(table: dict) -> dict:
   return {int(k): v for k, v in table.items()}
 
 
-def _work_plan(runs: list[Run], config, cached_reference: bool) -> dict:
+def _work_plan(runs: list[run_lib.Run], config, cached_reference: bool) -> dict:
   """Network evaluations (images × sampler steps) and Inception images of each piece."""
   e = config.eval
   plan = {}
@@ -247,7 +222,7 @@ def _duration(seconds: float) -> str:
   return f"{minutes} min {sec:02d} s" if minutes else f"{sec} s"
 
 
-def _unit_costs(run: Run, inception, config) -> tuple[float, float]:
+def _unit_costs(run: run_lib.Run, inception, config) -> tuple[float, float]:
   """Measured seconds per network evaluation of one image, and per Inception image
   (each timed on a second call, after compiling)."""
   e, m = config.eval, run.config.model
@@ -272,7 +247,7 @@ def _unit_costs(run: Run, inception, config) -> tuple[float, float]:
   return nfe, timings[-1] / len(images)
 
 
-def evaluate_runs(runs: list[Run], config, out_dir: str, cache_dir: str) -> dict:
+def evaluate_runs(runs: list[run_lib.Run], config, out_dir: str, cache_dir: str) -> dict:
   """Every analysis of config.eval over `runs`; writes PNG + JSON into out_dir.
 
   Each finished piece (x0 errors, colour shift, FID point, training-curve point) is
@@ -302,9 +277,11 @@ def evaluate_runs(runs: list[Run], config, out_dir: str, cache_dir: str) -> dict
   if classifier is not None:
     report["classifier_reference"] = classifier.reference
 
-  def settings(r: Run, **more):
+  solver_settings = {k: config.sample[k] for k in ("order", "skip_type", "thresholding")}
+
+  def settings(r: run_lib.Run, **more):
     return {"workdir": r.workdir, "train_step": r.train_step, "ema_rate": e.ema_rate,
-            "seed": e.seed, **more}
+            "seed": e.seed, **solver_settings, **more}
 
   def save_report():
     analysis.write_json(report, out / "evaluation.json")
@@ -348,7 +325,7 @@ def evaluate_runs(runs: list[Run], config, out_dir: str, cache_dir: str) -> dict
 
   def colour(r):
     samples = {s: sample_images(r, e.colour_sampler, s, e.colour_num_samples, e.batch_size,
-                                e.seed) for s in colour_steps}
+                                e.seed, solver_settings) for s in colour_steps}
     strip = {str(s): images[:4] for s, images in samples.items()}
     return analysis.colour_shift(samples, data_for_colour), strip
 
@@ -371,7 +348,8 @@ def evaluate_runs(runs: list[Run], config, out_dir: str, cache_dir: str) -> dict
                           reference=report["reference"], classifier=e.classifier)
 
   def quality(r, sampler, steps):
-    images = sample_images(r, sampler, steps, e.num_samples, e.batch_size, e.seed)
+    images = sample_images(r, sampler, steps, e.num_samples, e.batch_size, e.seed,
+                           solver_settings)
     return _quality(images, inception, reference, classifier), None
 
   fid = {}
@@ -399,7 +377,7 @@ def evaluate_runs(runs: list[Run], config, out_dir: str, cache_dir: str) -> dict
       curve[r.label] = {}
       for step in checkpoints.checkpoint_steps(r.workdir):
         def curve_point(step=step, r=r):
-          run_at = load_run(r.workdir, r.label, e.ema_rate, step)
+          run_at = run_lib.open_run(r.workdir, r.label, e.ema_rate, step)
           return quality(run_at, sampler, e.train_curve_steps)
         curve[r.label][step], _ = piece(
             f"curve/{r.label}/{step}",
@@ -427,7 +405,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
   config = config_lib.with_eval_preset(config)
   validate_eval_config(config)
   saved = checkpoints.saved_config_matching(workdir, config)
-  run = load_run(workdir, saved.diffusion.weighting, config.eval.ema_rate)
+  run = run_lib.open_run(workdir, saved.diffusion.weighting, config.eval.ema_rate)
   return evaluate_runs([run], config, _join(workdir, "eval"), workdir)
 
 
@@ -442,7 +420,7 @@ def _train_or_reuse(sub_config, run_dir: str, name: str) -> None:
   steps = checkpoints.checkpoint_steps(run_dir)
   if steps:
     saved = checkpoints.saved_config(run_dir)
-    mismatch = config_lib.model_mismatches(json.loads(config_lib.to_json(saved)), sub_config)
+    mismatch = checkpoints.model_mismatches(json.loads(config_lib.to_json(saved)), sub_config)
     if saved.diffusion.weighting != name:
       mismatch.append(f"diffusion.weighting: checkpoint {saved.diffusion.weighting!r}, "
                       f"this run {name!r}")
@@ -454,7 +432,7 @@ def _train_or_reuse(sub_config, run_dir: str, name: str) -> None:
       tqdm.write(f"[{name}] reusing the finished run in {run_dir} (step {steps[-1]})")
       return
   tqdm.write(f"[{name}] training into {run_dir}")
-  train.train_and_evaluate(sub_config, run_dir)
+  train.train_and_sample(sub_config, run_dir)
 
 
 def _fmt(value, digits=2):
@@ -540,7 +518,7 @@ def compare(config, workdir: str) -> dict:
   for name in names:
     sub = _trained_run_config(config, name)
     _train_or_reuse(sub, _join(workdir, "runs", name), name)
-  runs = [load_run(_join(workdir, "runs", n), n, config.eval.ema_rate) for n in names]
+  runs = [run_lib.open_run(_join(workdir, "runs", n), n, config.eval.ema_rate) for n in names]
   report = evaluate_runs(runs, config, _join(workdir, "compare"), workdir)
   report["files"]["report"] = write_report(report, config, _join(workdir, "report.md"))
   analysis.write_json(report, _join(workdir, "report.json"))

@@ -166,3 +166,16 @@ class PreparedFolderSource:
 
   def __getitem__(self, i):
     return decode_record(self._records[i])
+
+
+def prepare(config) -> dict:
+  """--mode=prepare: config.data.image_dir's images into the dataset at
+  config.data.data_dir, at config.data.image_size, with class labels from sub-folders
+  when config.model.class_cond. Returns prepare_image_folder's summary."""
+  data = config.data
+  if not data.image_dir or not data.data_dir:
+    raise ValueError("--mode=prepare needs --config.data.image_dir (the images) and "
+                     "--config.data.data_dir (where the prepared dataset goes).")
+  return prepare_image_folder(data.image_dir, data.data_dir, data.image_size,
+                              skip_bad_files=data.skip_bad_files,
+                              class_labels=config.model.class_cond)

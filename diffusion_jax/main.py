@@ -65,10 +65,10 @@ def _run_mode():
   distributed.initialize()
   if FLAGS.mode == "train":
     from diffusion_jax import train  # pylint: disable=import-outside-toplevel
-    train.train_and_evaluate(config, FLAGS.workdir)
+    train.train_and_sample(config, FLAGS.workdir)
   elif FLAGS.mode == "sample":
-    from diffusion_jax import train  # pylint: disable=import-outside-toplevel
-    out = train.sample_from_workdir(config, FLAGS.workdir)
+    from diffusion_jax import run  # pylint: disable=import-outside-toplevel
+    out = run.sample_from_workdir(config, FLAGS.workdir)
     print(f"Wrote {len(out['images'])} samples:\n  " + "\n  ".join(out["files"]))
   elif FLAGS.mode == "evaluate":
     from diffusion_jax import evaluate  # pylint: disable=import-outside-toplevel
@@ -80,15 +80,9 @@ def _run_mode():
     print(f"Wrote {report['files']['report']} (plots and report.json beside it)")
   elif FLAGS.mode == "prepare":
     from diffusion_jax import image_folder  # pylint: disable=import-outside-toplevel
-    data = config.data
-    if not data.image_dir or not data.data_dir:
-      raise app.UsageError("--mode=prepare needs --config.data.image_dir (the images) and "
-                           "--config.data.data_dir (where the prepared dataset goes).")
-    summary = image_folder.prepare_image_folder(
-        data.image_dir, data.data_dir, data.image_size, skip_bad_files=data.skip_bad_files,
-        class_labels=config.model.class_cond)
-    print(f"Prepared {summary['num_records']} images at {data.image_size}px into "
-          f"{data.data_dir}; skipped {summary['num_skipped']} unreadable file(s).")
+    summary = image_folder.prepare(config)
+    print(f"Prepared {summary['num_records']} images at {config.data.image_size}px into "
+          f"{config.data.data_dir}; skipped {summary['num_skipped']} unreadable file(s).")
   elif FLAGS.mode == "convert":
     if not FLAGS.checkpoint:
       raise app.UsageError("--mode=convert needs --checkpoint=PATH (.pt, .safetensors, .npz).")

@@ -12,7 +12,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-SAMPLERS = ("uniform", "loss-second-moment")
+TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,9 +29,9 @@ class TimestepSampler:
   uniform_prob: float = 0.001
 
   def __post_init__(self):
-    if self.name not in SAMPLERS:
+    if self.name not in TIMESTEP_SAMPLERS:
       raise ValueError(f"Unknown timestep sampler {self.name!r}; choose one of "
-                       f"{list(SAMPLERS)}.")
+                       f"{list(TIMESTEP_SAMPLERS)}.")
 
   def init(self) -> dict:
     return {"loss_history": jnp.zeros((self.num_timesteps, self.history_per_term),

@@ -19,6 +19,28 @@ from diffusion_jax import solvers
 from diffusion_jax.diffusion import GaussianDiffusion
 
 SAMPLERS = ("ddpm", "ddim") + solvers.SOLVERS
+SOLVER_DEFAULTS = {"order": 2, "skip_type": "logSNR"}
+
+
+def solver_options(sampler: str, order: int = 2, skip_type: str = "logSNR",
+                   thresholding: bool = False, field: str = "sample") -> dict:
+  """`sample()`'s keyword arguments for `sampler` from config.sample's order, skip_type
+  and thresholding. order and skip_type reach the solvers only (ddpm and ddim ignore
+  them); a value that `sampler` cannot use is a ValueError naming `field`.order/skip_type.
+  """
+  if skip_type not in solvers.SKIP_TYPES:
+    raise ValueError(f"config.{field}.skip_type={skip_type!r}: choose one of "
+                     f"{list(solvers.SKIP_TYPES)}.")
+  if sampler == "unipc" and order not in (1, 2, 3):
+    raise ValueError(f"config.{field}.order={order!r}: UniPC takes order 1, 2 or 3.")
+  if sampler == "dpm_solver++" and order != 2:
+    raise ValueError(f"config.{field}.order={order!r}: DPM-Solver++ here is the "
+                     "second-order multistep solver (2M); set order=2, or use "
+                     "sampler=unipc for orders 1–3.")
+  options = {"thresholding": bool(thresholding)}
+  if sampler in solvers.SOLVERS:
+    options.update(order=int(order), skip_type=skip_type)
+  return options
 
 
 def respacing_for(sampler: str, steps: int, num_timesteps: int) -> str:
@@ -110,6 +132,8 @@ def generate(model, diffusion, params, sample_config, out_dir: str, *, class_con
   from diffusion_jax import paths  # pylint: disable=import-outside-toplevel
   from diffusion_jax import reporting  # pylint: disable=import-outside-toplevel
 
+  options = solver_options(sample_config.sampler, sample_config.order,
+                           sample_config.skip_type, sample_config.thresholding)
   mesh = mesh or Mesh(np.array(jax.devices()), ("data",))
   bsz, total = sample_config.batch_size, sample_config.num_samples
   if bsz % mesh.size:
@@ -124,7 +148,7 @@ def generate(model, diffusion, params, sample_config, out_dir: str, *, class_con
     fn = models.bind(model, p, labels if class_cond else None)
     x = sample(diffusion, fn, (bsz,) + tuple(image_shape), key, sampler=sample_config.sampler,
                steps=sample_config.steps, clip_denoised=sample_config.clip_denoised,
-               eta=sample_config.eta)
+               eta=sample_config.eta, **options)
     x = jax.lax.with_sharding_constraint(x, out_sharding)
     return jnp.clip(jnp.round((x + 1) * 127.5), 0, 255).astype(jnp.uint8)
 

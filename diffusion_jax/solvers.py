@@ -51,6 +51,9 @@ def marginal(log_alpha, s):
   return np.exp(la), np.exp(log_sigma), la - log_sigma
 
 
+SKIP_TYPES = ("logSNR", "time_uniform")
+
+
 def time_grid(log_alpha, steps: int, skip_type: str = "time_uniform") -> np.ndarray:
   """`steps` fractional steps from T−1 down to 0, uniform in s or in λ."""
   top = log_alpha.shape[0] - 1

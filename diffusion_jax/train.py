@@ -1,4 +1,4 @@
-"""Training: the TrainState, the pure data-parallel step, and `train_and_evaluate`.
+"""Training: the TrainState, the pure data-parallel step, and `train_and_sample`.
 
 Parallelism is `jax.jit` over a Mesh with axes ('data', 'fsdp'): the global batch is
 sharded over both, the train state is replicated (the 'fsdp' axis is where parameter
@@ -71,25 +71,44 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(("data", "fsdp")))
 
 
-def init_state(config, model, tx, timestep_sampler, key) -> TrainState:
-  params = models.init_params(model, key)
+def init_state(components: config_lib.Components, settings: config_lib.TrainSettings,
+               key) -> TrainState:
+  """A fresh TrainState: params from `key`, every EMA equal to them."""
+  params = models.init_params(components.model, key)
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
-      ema_params=[params for _ in config.optim.ema_rates],
-      opt_state=tx.init(params),
-      rng=jax.random.key_data(jax.random.PRNGKey(config.train.seed)),
-      sampler_state=timestep_sampler.init(),
+      ema_params=[params for _ in settings.ema_rates],
+      opt_state=components.tx.init(params),
+      rng=jax.random.key_data(jax.random.PRNGKey(settings.seed)),
+      sampler_state=components.timestep_sampler.init(),
       nonfinite_steps=jnp.zeros((), jnp.int32))
 
 
-def create_train_state(config, model, tx, timestep_sampler, mesh):
-  """A new TrainState created directly with its sharding (no host copy)."""
-  key = jax.random.PRNGKey(config.train.seed)
-  init = lambda k: init_state(config, model, tx, timestep_sampler, k)
-  abstract = jax.eval_shape(init, key)
-  shardings = state_sharding(mesh, abstract)
+def abstract_state(components: config_lib.Components,
+                   settings: config_lib.TrainSettings) -> TrainState:
+  """The TrainState's shapes and dtypes (jax.ShapeDtypeStruct leaves), nothing allocated."""
+  return jax.eval_shape(lambda k: init_state(components, settings, k), jax.random.PRNGKey(0))
+
+
+def create_train_state(components: config_lib.Components,
+                       settings: config_lib.TrainSettings, mesh: Mesh):
+  """A new TrainState created directly with its sharding (no host copy), and that
+  sharding."""
+  key = jax.random.PRNGKey(settings.seed)
+  init = lambda k: init_state(components, settings, k)
+  shardings = state_sharding(mesh, jax.eval_shape(init, key))
   return jax.jit(init, out_shardings=shardings)(key), shardings
+
+
+def jit_train_step(components: config_lib.Components, settings: config_lib.TrainSettings,
+                   mesh: Mesh, shardings):
+  """The compiled-on-first-call step (state, global batch) -> (state, metrics), with the
+  state sharded as `shardings`, the batch over the mesh and the old state donated. Every
+  caller (training, `bench`, the multi-host test) uses this one."""
+  return jax.jit(make_train_step(components, settings),
+                 in_shardings=(shardings, batch_sharding(mesh)),
+                 out_shardings=(shardings, None), donate_argnums=0)
 
 
 def _quarter_stats(t, per_example_loss, num_timesteps):
@@ -99,16 +118,15 @@ def _quarter_stats(t, per_example_loss, num_timesteps):
   return onehot.T @ per_example_loss, onehot.sum(0)
 
 
-def make_train_step(config, model, diffusion, tx, timestep_sampler):
-  """The pure step (state, batch) -> (state, metrics); jit it with the state donated.
+def make_train_step(components: config_lib.Components, settings: config_lib.TrainSettings):
+  """The pure step (state, batch) -> (state, metrics); `jit_train_step` compiles it.
 
   batch: dict of image float32 (B, H, W, C) in [−1, 1] and label int32 (B,), global.
   The step's randomness (t, noise, dropout) comes from fold_in(state.rng, step).
   """
-  rates = tuple(float(r) for r in config.optim.ema_rates)
-  accum = config.optim.grad_accum_steps
-  class_cond = config.model.class_cond
-  schedule = config_lib.learning_rate_schedule(config)
+  model, diffusion, tx, timestep_sampler = components
+  rates, accum = settings.ema_rates, settings.grad_accum_steps
+  class_cond, schedule = settings.class_cond, settings.learning_rate
 
   def loss_fn(params, images, labels, t, weights, noise, dropout_key):
     model_fn = models.bind(model, params, labels if class_cond else None, train=True,
@@ -262,7 +280,7 @@ def sample_grid(config, model, diffusion, params) -> np.ndarray:
                            write=False)["images"]
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_sample(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (or resumes) to config.train.num_steps; returns the final state.
 
   Writes into `workdir`: checkpoints/ (Orbax), metrics.jsonl, TensorBoard events,
@@ -287,9 +305,10 @@ def _finished_run(config, workdir: str) -> TrainState | None:
       or not paths.exists(paths.path(workdir) / reporting.FINAL_SAMPLES)):
     return None
   try:
-    state = load_checkpoint(workdir)
+    state = checkpoints.restore_state(
+        workdir, abstract_state(config_lib.build(config), config_lib.train_settings(config)))
   except Exception:  # pylint: disable=broad-except
-    return None  # unreadable: the training path names the damage and falls back
+    return None  # unreadable or another model: the training path names the problem
   checkpoints.saved_config_matching(workdir, config)  # a different model is an error
   if jax.process_index() == 0:
     print(f"{workdir} already holds a finished run: step {steps[-1]} of "
@@ -302,13 +321,14 @@ def _finished_run(config, workdir: str) -> TrainState | None:
 
 def _train(config, workdir: str) -> TrainState:
   enable_compilation_cache(config, workdir)
-  model, diffusion, tx, timestep_sampler = config_lib.build(config)
+  components, settings = config_lib.build(config), config_lib.train_settings(config)
+  model, diffusion = components.model, components.diffusion
   mesh = make_mesh(config)
   data_iter = input_pipeline.create_iterator(config.data, config.data.seed)
 
   manager = checkpoints.create_manager(workdir, config)
   saves = checkpoints.SaveWatcher(manager)
-  state, shardings = create_train_state(config, model, tx, timestep_sampler, mesh)
+  state, shardings = create_train_state(components, settings, mesh)
   restored = checkpoints.restore_latest(manager, state, shardings, config)
   objective_changes = []
   if restored is not None:
@@ -316,9 +336,7 @@ def _train(config, workdir: str) -> TrainState:
     data_iter.set_state(iter_state)
     logging.info("Resumed from step %d in %s", int(state.step), workdir)
 
-  step_fn = jax.jit(make_train_step(config, model, diffusion, tx, timestep_sampler),
-                    in_shardings=(shardings, batch_sharding(mesh)),
-                    out_shardings=(shardings, None), donate_argnums=0)
+  step_fn = jit_train_step(components, settings, mesh, shardings)
   writer = reporting.MetricWriter(workdir, enabled=jax.process_index() == 0,
                                   resume_step=int(state.step))
   if objective_changes:  # recorded where the new objective starts
@@ -440,50 +458,3 @@ def _run_summary(step, first_step, num_steps, wall_s, loss, outputs, recognisabl
   width = max(len(k) for k in outputs) + 1
   lines += [f"  {name + ':':<{width}} {where}" for name, where in outputs.items()]
   return "\n".join(lines)
-
-
-def load_checkpoint(workdir: str, step: int | None = None) -> TrainState:
-  """The saved TrainState of `workdir` (latest, or `step`), as host-local arrays.
-
-  Rebuilds the state's structure from the config stored with the checkpoint, so no
-  config is needed. Raises FileNotFoundError when there is no checkpoint.
-  """
-  config = checkpoints.saved_config(workdir, step)
-  model, _, tx, timestep_sampler = config_lib.build(config)
-  abstract = jax.eval_shape(
-      lambda k: init_state(config, model, tx, timestep_sampler, k), jax.random.PRNGKey(0))
-  return checkpoints.restore_state(workdir, abstract, step)
-
-
-def ema_index(saved_config, rate: float, field: str = "ema_rate") -> int:
-  """Position of EMA `rate` in a checkpoint's ema_params (-1: the first)."""
-  rates = list(saved_config.optim.ema_rates)
-  if rate == -1:
-    return 0
-  if rate not in rates:
-    raise ValueError(f"{field}={rate} is not among the checkpoint's EMA rates {rates}.")
-  return rates.index(rate)
-
-
-def sample_from_workdir(config, workdir: str) -> dict:
-  """--mode=sample: config.sample's sampler on the latest checkpoint's EMA params.
-
-  Uses the EMA whose rate is config.sample.ema_rate (-1: the first). Writes into
-  WORKDIR/samples/<sampler>_<steps>/ (see `samplers.generate`).
-  """
-  saved = checkpoints.saved_config_matching(workdir, config)
-  state = load_checkpoint(workdir)
-  params = state.ema_params[ema_index(saved, config.sample.ema_rate, "sample.ema_rate")]
-  s = config.sample
-  out_dir = os.fspath(paths.path(workdir) / "samples" / f"{s.sampler}_{s.steps}")
-  m = config.model
-  result = samplers.generate(
-      config_lib.build_model(config), config_lib.build_diffusion(config), params, s, out_dir,
-      class_cond=m.class_cond, num_classes=m.num_classes,
-      image_shape=(m.image_size, m.image_size, m.in_channels),
-      write=jax.process_index() == 0)
-  result["dir"] = out_dir
-  result["files"] = [os.fspath(paths.path(out_dir) / "samples_grid.png")] + (
-      [os.fspath(paths.path(out_dir) / "samples.npz")] if s.save_npz else []) + (
-      [os.fspath(paths.path(out_dir) / "images")] if s.save_individual else [])
-  return result

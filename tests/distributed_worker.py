@@ -3,7 +3,7 @@
   python tests/distributed_worker.py WORKDIR single            # 1 process, 8 devices
   python tests/distributed_worker.py WORKDIR multi PORT PID    # 2 processes × 4 devices
 Trains the quickstart model 3 steps on a fixed global batch and checkpoints it; in
-multi mode it then also runs `train_and_evaluate` for 2 steps on the tiny config.
+multi mode it then also runs `train_and_sample` for 2 steps on the tiny config.
 """
 import os
 import sys
@@ -28,12 +28,10 @@ if __name__ == "__main__":
   # No warmup, and an Adam eps that keeps updates proportional to tiny gradients, so
   # that the comparison is not dominated by sign flips of near-zero gradients.
   config.optim.update(warmup_steps=0, eps=1e-3)
-  model, diffusion, tx, sampler = config_lib.build(config)
+  components, settings = config_lib.build(config), config_lib.train_settings(config)
   mesh = train.make_mesh(config)
-  state, shardings = train.create_train_state(config, model, tx, sampler, mesh)
-  step = jax.jit(train.make_train_step(config, model, diffusion, tx, sampler),
-                 in_shardings=(shardings, train.batch_sharding(mesh)),
-                 out_shardings=(shardings, None), donate_argnums=0)
+  state, shardings = train.create_train_state(components, settings, mesh)
+  step = train.jit_train_step(components, settings, mesh, shardings)
   manager = checkpoints.create_manager(os.path.join(workdir, "fixed"), config)
   checkpoints.save(manager, 0, state, {}, config)
   manager.wait_until_finished()
@@ -53,6 +51,6 @@ if __name__ == "__main__":
   if mode == "multi":
     tiny = tiny_config.get_config()
     tiny.train.update(num_steps=2, checkpoint_every=2, log_every=1)
-    final = train.train_and_evaluate(tiny, os.path.join(workdir, "tiny"))
+    final = train.train_and_sample(tiny, os.path.join(workdir, "tiny"))
     assert int(final.step) == 2
   print("done", jax.process_index())

@@ -43,19 +43,21 @@ def test_paper_256_model_size():
   assert sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)) == 93_563_910
 
 
+def _parts(config):
+  return config_lib.build(config), config_lib.train_settings(config)
+
+
 @pytest.mark.slow
 def test_paper_256_train_step_compiles_at_batch_1():
   from configs import celebahq256  # pylint: disable=import-outside-toplevel
   config = celebahq256.get_config()
   config.data.batch_size = 1
-  model, diffusion, tx, sampler = config_lib.build(config)
   mesh = train.make_mesh(config, jax.devices()[:1])
-  state, shardings = jax.eval_shape(
-      lambda: train.create_train_state(config, model, tx, sampler, mesh)[0]), None
+  state = jax.eval_shape(lambda: train.create_train_state(*_parts(config), mesh)[0])
   batch = {"image": jax.ShapeDtypeStruct((1, 256, 256, 3), jax.numpy.float32),
            "label": jax.ShapeDtypeStruct((1,), jax.numpy.int32)}
   t0 = time.time()
-  jax.jit(train.make_train_step(config, model, diffusion, tx, sampler),
+  jax.jit(train.make_train_step(*_parts(config)),
           donate_argnums=0).lower(state, batch).compile()
   print(f"celebahq256 train step compile: {time.time() - t0:.1f} s")
 

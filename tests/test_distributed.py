@@ -10,7 +10,8 @@ import jax.flatten_util
 import numpy as np
 import pytest
 
-from diffusion_jax import distributed, train
+from diffusion_jax import distributed
+from diffusion_jax import run as run_lib
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -45,17 +46,17 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
   np.testing.assert_allclose(float(multi_loss[1]), float(single_loss[1]), rtol=1e-5)
   np.testing.assert_allclose(float(multi_loss[3]), float(single_loss[3]), rtol=1e-5)
   # Both checkpoints restore here, in one process on one device.
-  a = train.load_checkpoint(str(tmp_path / "multi" / "fixed"))
-  b = train.load_checkpoint(str(tmp_path / "single" / "fixed"))
+  a = run_lib.load_checkpoint(str(tmp_path / "multi" / "fixed"))
+  b = run_lib.load_checkpoint(str(tmp_path / "single" / "fixed"))
   assert int(a.step) == int(b.step) == 3
   p0 = jax.flatten_util.ravel_pytree(
-      train.load_checkpoint(str(tmp_path / "single" / "fixed"), step=0).params)[0]
+      run_lib.load_checkpoint(str(tmp_path / "single" / "fixed"), step=0).params)[0]
   pa, pb = (jax.flatten_util.ravel_pytree(s.params)[0] for s in (a, b))
   assert float(np.max(np.abs(pa - pb)) / np.max(np.abs(pa - p0))) < 1e-4
   # The full training path ran on two hosts, and only process 0 wrote logs and samples.
   tiny = tmp_path / "multi" / "tiny"
   assert (tiny / "samples.png").exists() and (tiny / "metrics.jsonl").exists()
-  assert int(train.load_checkpoint(str(tiny)).step) == 2
+  assert int(run_lib.load_checkpoint(str(tiny)).step) == 2
 
 
 def test_cpu_device_count_divides_every_batch():

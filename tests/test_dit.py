@@ -16,6 +16,7 @@ import pytest
 from diffusion_jax import convert
 from diffusion_jax import models
 from diffusion_jax.models import dit
+from diffusion_jax import run as run_lib
 
 torch = pytest.importorskip("torch")
 
@@ -208,11 +209,10 @@ def test_one_dit_step_lowers_the_loss_on_a_fixed_batch():
   c.data.update(dataset="digits", batch_size=8)
   c.optim.update(lr=3e-3, warmup_steps=0, lr_schedule="constant")
   config_lib.validate_config(c, num_devices=jax.device_count())
-  components = config_lib.build(c)
+  components, settings = config_lib.build(c), config_lib.train_settings(c)
   mesh = train.make_mesh(c)
-  state, shardings = train.create_train_state(c, components.model, components.tx,
-                                              components.timestep_sampler, mesh)
-  step = jax.jit(train.make_train_step(c, *components))
+  state, shardings = train.create_train_state(components, settings, mesh)
+  step = jax.jit(train.make_train_step(components, settings))
   batch = {k: jnp.asarray(v) for k, v in next(input_pipeline.create_iterator(c.data, 0)).items()}
   del shardings
   losses = []
@@ -229,7 +229,6 @@ def test_dit_quickstart_trains_samples_and_resumes_bitwise_after_sigkill(tmp_pat
   import signal  # pylint: disable=import-outside-toplevel
   import subprocess  # pylint: disable=import-outside-toplevel
   import time  # pylint: disable=import-outside-toplevel
-  from diffusion_jax import train  # pylint: disable=import-outside-toplevel
   ref = subprocess.run(_cli(tmp_path / "ref"), env=_env(), cwd=REPO, capture_output=True,
                        text=True, timeout=600)
   assert ref.returncode == 0, ref.stderr[-3000:]
@@ -248,8 +247,8 @@ def test_dit_quickstart_trains_samples_and_resumes_bitwise_after_sigkill(tmp_pat
   rerun = subprocess.run(_cli(tmp_path / "killed"), env=_env(), cwd=REPO,
                          capture_output=True, text=True, timeout=600)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
-  a = train.load_checkpoint(str(tmp_path / "ref"))
-  b = train.load_checkpoint(str(tmp_path / "killed"))
+  a = run_lib.load_checkpoint(str(tmp_path / "ref"))
+  b = run_lib.load_checkpoint(str(tmp_path / "killed"))
   assert int(a.step) == int(b.step) == 12
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

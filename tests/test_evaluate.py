@@ -13,6 +13,7 @@ from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import evaluate
 from diffusion_jax import train
 from diffusion_jax.evaluation import analysis
+from diffusion_jax import run as run_lib
 from tests import tiny_config
 
 
@@ -91,7 +92,7 @@ def test_an_interrupted_evaluation_keeps_its_points_and_a_rerun_reuses_them(
   workdir, config, _ = compared
   config = config.copy_and_resolve_references()
   config.eval.update(train_curve=False, steps="2,3")
-  run = evaluate.load_run(os.path.join(workdir, "runs", "debias"), "debias")
+  run = run_lib.open_run(os.path.join(workdir, "runs", "debias"), "debias")
   out = str(tmp_path / "eval")
   quality = evaluate._quality  # pylint: disable=protected-access
   calls = []
@@ -132,7 +133,7 @@ def test_compare_refuses_a_run_with_another_weighting(tmp_path):
   wrong.diffusion.weighting = "constant"
   run_dir = str(tmp_path / "runs" / "debias")
   wrong.train.num_steps = 3
-  train.train_and_evaluate(wrong, run_dir)
+  train.train_and_sample(wrong, run_dir)
   before = checkpoints.checkpoint_steps(run_dir)
   config.compare.weightings = "debias,constant"
   with pytest.raises(checkpoints.CheckpointConfigError, match="weighting"):
@@ -191,9 +192,9 @@ def test_colour_shift_numbers():
 
 def test_ema_index_picks_the_named_rate():
   saved = tiny_config.get_config()  # ema_rates (0.99, 0.9)
-  assert train.ema_index(saved, -1) == 0 and train.ema_index(saved, 0.9) == 1
+  assert run_lib.ema_index(saved, -1) == 0 and run_lib.ema_index(saved, 0.9) == 1
   with pytest.raises(ValueError, match=r"eval.ema_rate=0.5 is not among"):
-    train.ema_index(saved, 0.5, "eval.ema_rate")
+    run_lib.ema_index(saved, 0.5, "eval.ema_rate")
 
 
 def test_static_fraction_separates_static_from_garments():

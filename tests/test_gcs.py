@@ -16,6 +16,7 @@ from PIL import Image
 
 from diffusion_jax import checkpoints, evaluate, image_folder, input_pipeline, paths
 from diffusion_jax import reporting, train
+from diffusion_jax import run as run_lib
 from tests import tiny_config
 from tests.gcs_emulator import FlakyProxy
 
@@ -46,7 +47,7 @@ def gs_run(gcs, tmp_path_factory):
   before = os.getcwd()
   os.chdir(cwd)
   try:
-    state = train.train_and_evaluate(config, workdir)
+    state = train.train_and_sample(config, workdir)
   finally:
     os.chdir(before)
   return workdir, config, state, cwd
@@ -63,7 +64,7 @@ def test_training_writes_everything_into_the_bucket(gcs, gs_run):
   assert list(cwd.iterdir()) == []  # nothing local, in particular no folder named gs:
   steps = [r["step"] for r in reporting.read_metrics(workdir)]
   assert steps == [0, 1, 2, 3, 4]
-  _assert_trees_equal(train.load_checkpoint(workdir), state)
+  _assert_trees_equal(run_lib.load_checkpoint(workdir), state)
   assert checkpoints.checkpoint_steps(workdir) == [2, 4]
 
 
@@ -71,7 +72,7 @@ def test_sample_mode_writes_into_the_bucket(gcs, gs_run):
   workdir, config, _, _ = gs_run
   config = config.copy_and_resolve_references()
   config.sample.update(num_samples=4, batch_size=4, steps=2)
-  out = train.sample_from_workdir(config, workdir)
+  out = run_lib.sample_from_workdir(config, workdir)
   assert out["dir"] == f"{workdir}/samples/ddim_2"
   assert {"samples/ddim_2/samples.npz", "samples/ddim_2/samples_grid.png"} <= _objects(
       gcs, workdir)
@@ -179,7 +180,7 @@ def test_gs_run_killed_after_a_checkpoint_resumes_bitwise_equal_to_a_local_run(
   rerun = subprocess.run(_cli(workdir, *args), env=env, cwd=tmp_path, capture_output=True,
                          text=True, timeout=600)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
-  a, b = train.load_checkpoint(str(tmp_path / "local")), train.load_checkpoint(workdir)
+  a, b = run_lib.load_checkpoint(str(tmp_path / "local")), run_lib.load_checkpoint(workdir)
   assert int(a.step) == int(b.step) == 12
   _assert_trees_equal(a, b)
   steps = [r["step"] for r in reporting.read_metrics(workdir)]
@@ -204,7 +205,7 @@ def test_transient_http_errors_are_retried(gcs, gs_run, tmp_path):
     proxy.close()
   assert run.returncode == 0, run.stderr[-3000:]
   assert proxy.failed >= 10, (proxy.requests, proxy.failed)
-  _assert_trees_equal(train.load_checkpoint(f"{bucket}/run"), state)
+  _assert_trees_equal(run_lib.load_checkpoint(f"{bucket}/run"), state)
   assert checkpoints.checkpoint_steps(f"{bucket}/run") == [2, 4]
 
 
@@ -257,7 +258,7 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(gcs, bucket
   saved = checkpoints.checkpoint_steps(workdir)
   assert len(saved) == 1 and 3 <= saved[0] < 24, saved
   finish(*job(workdir, "resumed"))
-  a, b = train.load_checkpoint(f"{bucket}/full"), train.load_checkpoint(workdir)
+  a, b = run_lib.load_checkpoint(f"{bucket}/full"), run_lib.load_checkpoint(workdir)
   assert int(a.step) == int(b.step) == 24
   _assert_trees_equal(a, b)
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax import checkpoints, config_lib, input_pipeline, paths, reporting, train
+from diffusion_jax import run as run_lib
 from tests import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,6 +28,11 @@ def _env(devices=1):
 
 def _build(config):
   return config_lib.build(config)
+
+
+def _parts(config):
+  """What the step is made of: (components, settings)."""
+  return config_lib.build(config), config_lib.train_settings(config)
 
 
 def _fixed_batch(config, seed=0):
@@ -47,7 +53,7 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch():
   config.model.learn_sigma = False
   model, diffusion, tx, sampler = _build(config)
   mesh = train.make_mesh(config)
-  state, _ = train.create_train_state(config, model, tx, sampler, mesh)
+  state, _ = train.create_train_state(*_parts(config), mesh)
   batch = _fixed_batch(config)
   t = jnp.array([50, 200, 400, 600, 800, 950, 100, 700])
   noise = jax.random.normal(jax.random.PRNGKey(3), batch["image"].shape)
@@ -58,7 +64,7 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch():
     return jnp.mean(diffusion.training_losses(fn, batch["image"], t, noise)["loss"])
 
   before = float(eval_loss(state.params))
-  step = jax.jit(train.make_train_step(config, model, diffusion, tx, sampler))
+  step = jax.jit(train.make_train_step(*_parts(config)))
   for _ in range(3):
     state, metrics = step(state, batch)
   assert int(state.step) == 3 and np.isfinite(float(metrics["loss"]))
@@ -77,10 +83,9 @@ def test_weighting_reaches_the_loss():
     config.diffusion.update(var_type="fixed_small", loss_type="mse", weighting=name)
     config.model.learn_sigma = False
     model, diffusion, tx, sampler = _build(config)
-    state, _ = train.create_train_state(config, model, tx, sampler, train.make_mesh(config))
+    state, _ = train.create_train_state(*_parts(config), train.make_mesh(config))
     params0 = state.params
-    new_state, metrics = jax.jit(train.make_train_step(config, model, diffusion, tx,
-                                                       sampler))(state, batch)
+    new_state, metrics = jax.jit(train.make_train_step(*_parts(config)))(state, batch)
     grads[name] = jax.tree_util.tree_map(lambda a, b: a - b, new_state.params, params0)
     logged[name] = float(metrics["loss"])
     # Recompute the step's loss from its definition: the same t and noise from the key.
@@ -110,9 +115,9 @@ def test_gradient_accumulation_and_bf16():
     config.optim.update(grad_accum_steps=accum, eps=1e-3)
     config.train.compute_dtype = dtype
     model, diffusion, tx, sampler = _build(config)
-    state, _ = train.create_train_state(config, model, tx, sampler, train.make_mesh(config))
+    state, _ = train.create_train_state(*_parts(config), train.make_mesh(config))
     p0 = jax.flatten_util.ravel_pytree(state.params)[0]
-    state, metrics = jax.jit(train.make_train_step(config, model, diffusion, tx, sampler))(
+    state, metrics = jax.jit(train.make_train_step(*_parts(config)))(
         state, _fixed_batch(config))
     flat = jax.flatten_util.ravel_pytree(state.params)[0]
     assert flat.dtype == jnp.float32
@@ -127,9 +132,9 @@ def test_gradient_accumulation_and_bf16():
 
 def test_save_restore_is_exact(tmp_path):
   config = tiny_config.get_config()
-  state = train.train_and_evaluate(config, str(tmp_path))
+  state = train.train_and_sample(config, str(tmp_path))
   assert int(state.step) == config.train.num_steps
-  _assert_trees_equal(train.load_checkpoint(str(tmp_path)), jax.device_get(state))
+  _assert_trees_equal(run_lib.load_checkpoint(str(tmp_path)), jax.device_get(state))
   for name in ("samples.png", "loss_curve.png", "metrics.jsonl"):
     assert (tmp_path / name).exists()
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -139,28 +144,28 @@ def test_save_restore_is_exact(tmp_path):
     assert key in logged[-1]
   # --mode=sample on the workdir: evaluator-ready npz, grid, individual PNGs.
   config.sample.update(num_samples=5, batch_size=2, save_individual=True, sampler="unipc")
-  out = train.sample_from_workdir(config, str(tmp_path))
+  out = run_lib.sample_from_workdir(config, str(tmp_path))
   with np.load(tmp_path / "samples" / "unipc_3" / "samples.npz") as z:
     assert z["arr_0"].dtype == np.uint8 and z["arr_0"].shape == (5, 32, 32, 1)
     np.testing.assert_array_equal(z["arr_0"], out["images"])
   assert len(list((tmp_path / "samples" / "unipc_3" / "images").iterdir())) == 5
-  again = train.sample_from_workdir(config, str(tmp_path))
+  again = run_lib.sample_from_workdir(config, str(tmp_path))
   np.testing.assert_array_equal(again["images"], out["images"])
 
 
 def test_resume_continues_and_refuses_a_different_model(tmp_path):
   config = tiny_config.get_config()
   config.train.num_steps = 3
-  train.train_and_evaluate(config, str(tmp_path))
+  train.train_and_sample(config, str(tmp_path))
   saved = sorted(os.listdir(tmp_path / "checkpoints"))
   other = tiny_config.get_config()
   other.model.num_channels = 64
   with pytest.raises(checkpoints.CheckpointConfigError, match="model.num_channels: "
                      "checkpoint 32, config 64"):
-    train.train_and_evaluate(other, str(tmp_path))
+    train.train_and_sample(other, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == saved
   config.train.num_steps = 6
-  state = train.train_and_evaluate(config, str(tmp_path))
+  state = train.train_and_sample(config, str(tmp_path))
   assert int(state.step) == 6
   # Another objective is refused unless asked for, and then recorded where it starts.
   changed = config.copy_and_resolve_references()
@@ -168,10 +173,10 @@ def test_resume_continues_and_refuses_a_different_model(tmp_path):
   changed.train.num_steps = 7
   with pytest.raises(checkpoints.CheckpointConfigError,
                      match="diffusion.weighting: checkpoint 'debias', config 'constant'"):
-    train.train_and_evaluate(changed, str(tmp_path))
-  assert int(train.load_checkpoint(str(tmp_path)).step) == 6
+    train.train_and_sample(changed, str(tmp_path))
+  assert int(run_lib.load_checkpoint(str(tmp_path)).step) == 6
   changed.train.allow_objective_change = True
-  assert int(train.train_and_evaluate(changed, str(tmp_path)).step) == 7
+  assert int(train.train_and_sample(changed, str(tmp_path)).step) == 7
   row = [r for r in reporting.read_metrics(str(tmp_path)) if r["step"] == 6][0]
   assert row["objective_changed"] == 1.0 and "'constant'" in row["objective_change"]
 
@@ -194,15 +199,15 @@ _DAMAGE = {
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, capfd):
   config = tiny_config.get_config()
   config.train.update(num_steps=6, checkpoint_every=2, log_every=2)
-  reference = train.train_and_evaluate(config, str(tmp_path / "ref"))
+  reference = train.train_and_sample(config, str(tmp_path / "ref"))
   for i, (name, damage) in enumerate(_DAMAGE.items()):
     workdir = tmp_path / f"run{i}"
     config.train.num_steps = 4
-    train.train_and_evaluate(config, str(workdir))
+    train.train_and_sample(config, str(workdir))
     damage(workdir / "checkpoints" / "4")
     config.train.num_steps = 6
     capfd.readouterr()
-    state = train.train_and_evaluate(config, str(workdir))
+    state = train.train_and_sample(config, str(workdir))
     err = capfd.readouterr().err
     assert "Checkpoint step 4 is damaged" in err and "resuming from an older step" in err, name
     _assert_trees_equal(state, reference)
@@ -211,12 +216,12 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, c
   # An explicit step, and a workdir where nothing restores: errors, nothing moved.
   config.train.resume_step = 3
   with pytest.raises(checkpoints.CheckpointConfigError, match="resume_step=3 is not saved"):
-    train.train_and_evaluate(config, str(workdir))
+    train.train_and_sample(config, str(workdir))
   config.train.resume_step = -1
   for step in (2, 4, 6):
     (workdir / "checkpoints" / str(step) / "state" / "_METADATA").unlink()
   with pytest.raises(checkpoints.CheckpointConfigError, match="No checkpoint .* can be restored"):
-    train.train_and_evaluate(config, str(workdir))
+    train.train_and_sample(config, str(workdir))
   assert checkpoints.checkpoint_steps(str(workdir)) == [2, 4, 6]
 
 
@@ -244,12 +249,12 @@ def test_bad_input_gives_one_clear_error(tmp_path, monkeypatch):
   blocker = tmp_path / "file"
   blocker.write_text("x")
   with pytest.raises(paths.StorageError, match="not writable"):
-    train.train_and_evaluate(config, str(blocker / "workdir"))
+    train.train_and_sample(config, str(blocker / "workdir"))
   monkeypatch.setattr(input_pipeline, "FASHION_MNIST_DIRS", (str(tmp_path / "none"),))
   c = tiny_config.get_config()
   c.data.update(dataset="fashion_mnist", data_dir=str(tmp_path / "no_tfds"))
   with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
-    train.train_and_evaluate(c, str(tmp_path / "wd"))
+    train.train_and_sample(c, str(tmp_path / "wd"))
 
 
 def test_nan_guard(tmp_path, monkeypatch, caplog):
@@ -259,9 +264,9 @@ def test_nan_guard(tmp_path, monkeypatch, caplog):
   config = tiny_config.get_config()
   config.train.update(num_steps=4, checkpoint_every=2, log_every=1)
   with pytest.raises(train.NonFiniteLossError, match="no checkpoint was written yet"):
-    train.train_and_evaluate(config, str(tmp_path / "halt"))
+    train.train_and_sample(config, str(tmp_path / "halt"))
   config.train.nan_policy = "skip"
-  state = train.train_and_evaluate(config, str(tmp_path / "skip"))
+  state = train.train_and_sample(config, str(tmp_path / "skip"))
   assert int(state.step) == 4 and int(state.nonfinite_steps) == 4
   assert "dropped 4 of 4 steps" in caplog.text
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
@@ -279,16 +284,16 @@ def test_eight_devices_equal_one_device():
     # near-zero gradient moves a parameter by up to lr. A larger eps keeps Adam
     # proportional to g there, and the comparison meaningful.
     config.optim.eps = 1e-3
-    model, diffusion, tx, sampler = config_lib.build(config)
+    components, settings = config_lib.build(config), config_lib.train_settings(config)
+    model, diffusion = components.model, components.diffusion
     it = input_pipeline.create_iterator(config.data, 0)
     batches = [next(it) for _ in range(2)]
     out = []
     for devices in (jax.devices()[:1], jax.devices()):
       mesh = train.make_mesh(config, devices)
-      state, sh = train.create_train_state(config, model, tx, sampler, mesh)
+      state, sh = train.create_train_state(components, settings, mesh)
       bs = train.batch_sharding(mesh)
-      step = jax.jit(train.make_train_step(config, model, diffusion, tx, sampler),
-                     in_shardings=(sh, bs), out_shardings=(sh, None))
+      step = train.jit_train_step(components, settings, mesh, sh)
       logged = []
       for b in batches:
         b = {k: jax.device_put(v, bs) for k, v in b.items()}
@@ -299,7 +304,7 @@ def test_eight_devices_equal_one_device():
     np.testing.assert_allclose(out[0][1], out[1][1], rtol=1e-5)
     a, b = (jax.flatten_util.ravel_pytree(p)[0] for p, _ in out)
     p0 = jax.flatten_util.ravel_pytree(
-        train.create_train_state(config, model, tx, sampler, mesh)[0].params)[0]
+        train.create_train_state(components, settings, mesh)[0].params)[0]
     err = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a - p0)))
     print("max parameter difference relative to the largest update", err)
     assert err < 1e-4, err
@@ -346,8 +351,8 @@ def test_sigkill_then_rerun_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
   rerun = subprocess.run(_cli(tmp_path / "killed", *args), env=_env(), cwd=REPO,
                          capture_output=True, text=True, timeout=600)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
-  a = train.load_checkpoint(str(tmp_path / "ref"))
-  b = train.load_checkpoint(str(tmp_path / "killed"))
+  a = run_lib.load_checkpoint(str(tmp_path / "ref"))
+  b = run_lib.load_checkpoint(str(tmp_path / "killed"))
   assert int(a.step) == int(b.step) == 12
   _assert_trees_equal(a, b)
 

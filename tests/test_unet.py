@@ -9,6 +9,7 @@ import pytest
 
 from diffusion_jax import convert
 from diffusion_jax.models import create_model, init_params, unet
+from diffusion_jax import run as run_lib
 
 PAPER_ROWS = [  # (image_size, num_channels, num_head_channels, parameters)
     (256, 128, 64, 93_563_910),
@@ -343,7 +344,7 @@ def test_remat_gives_the_same_gradients():
 def test_convert_cli_writes_a_loadable_checkpoint_and_never_overwrites(tmp_path):
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
-  from diffusion_jax import config_lib, train  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import config_lib  # pylint: disable=import-outside-toplevel
   from tests import tiny_config  # pylint: disable=import-outside-toplevel
   config = tiny_config.get_config()
   model = config_lib.build_model(config)
@@ -355,7 +356,7 @@ def test_convert_cli_writes_a_loadable_checkpoint_and_never_overwrites(tmp_path)
          "--config=tests/tiny_config.py", f"--workdir={tmp_path / 'wd'}"]
   r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
-  state = train.load_checkpoint(str(tmp_path / "wd"))
+  state = run_lib.load_checkpoint(str(tmp_path / "wd"))
   assert int(state.step) == 123
   jax.tree_util.tree_map(np.testing.assert_array_equal, state.ema_params[0],
                          jax.device_get(params))

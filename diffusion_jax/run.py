@@ -1,0 +1,100 @@
+"""A trained run: opening a workdir to sample from it or evaluate it.
+
+One home for what inference needs from a workdir: the config saved with its
+checkpoints, the latest or a given TrainState, one EMA copy chosen by rate, the model
+bound to those params, and `--mode=sample`. Evaluation (`evaluate.py`) opens runs here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import ml_collections
+
+from diffusion_jax import checkpoints
+from diffusion_jax import config_lib
+from diffusion_jax import models
+from diffusion_jax import paths
+from diffusion_jax import samplers
+from diffusion_jax import train
+
+
+def load_checkpoint(workdir: str, step: int | None = None) -> train.TrainState:
+  """The saved TrainState of `workdir` (latest, or `step`), as host-local arrays.
+
+  Rebuilds the state's structure from the config stored with the checkpoint, so no
+  config is needed. Raises checkpoints.NoCheckpointError when there is none.
+  """
+  config = checkpoints.saved_config(workdir, step)
+  abstract = train.abstract_state(config_lib.build(config), config_lib.train_settings(config))
+  return checkpoints.restore_state(workdir, abstract, step)
+
+
+def ema_index(saved_config, rate: float, field: str = "ema_rate") -> int:
+  """Position of EMA `rate` in a checkpoint's ema_params (-1: the first)."""
+  rates = list(saved_config.optim.ema_rates)
+  if rate == -1:
+    return 0
+  if rate not in rates:
+    raise ValueError(f"{field}={rate} is not among the checkpoint's EMA rates {rates}.")
+  return rates.index(rate)
+
+
+@dataclasses.dataclass
+class Run:
+  """One trained model: the EMA params of one checkpoint and its saved config."""
+  label: str
+  workdir: str
+  config: ml_collections.ConfigDict
+  params: dict
+  train_step: int
+
+  @property
+  def model(self):
+    return config_lib.build_model(self.config)
+
+  @property
+  def diffusion(self):
+    return config_lib.build_diffusion(self.config)
+
+  def model_fn(self, labels=None):
+    """model_fn(x, t) of this run's params (labels: (B,) int32 for a class-conditional
+    model, else None)."""
+    return models.bind(self.model, self.params, labels)
+
+
+def open_run(workdir: str, label: str = "", ema_rate: float = -1,
+             step: int | None = None) -> Run:
+  """`workdir`'s checkpoint (latest, or `step`) with the EMA of rate `ema_rate`
+  (-1: the first), labelled `label` (default: the run's weighting)."""
+  saved = checkpoints.saved_config(workdir, step)
+  state = load_checkpoint(workdir, step)
+  return Run(label=label or saved.diffusion.weighting, workdir=workdir, config=saved,
+             params=state.ema_params[ema_index(saved, ema_rate, "eval.ema_rate")],
+             train_step=int(state.step))
+
+
+def sample_from_workdir(config, workdir: str) -> dict:
+  """--mode=sample: config.sample's sampler on the latest checkpoint's EMA params.
+
+  Uses the EMA whose rate is config.sample.ema_rate (-1: the first). Writes into
+  WORKDIR/samples/<sampler>_<steps>/ (see `samplers.generate`) and returns generate's
+  result with "dir" and "files" (the paths written).
+  """
+  saved = checkpoints.saved_config_matching(workdir, config)
+  state = load_checkpoint(workdir)
+  params = state.ema_params[ema_index(saved, config.sample.ema_rate, "sample.ema_rate")]
+  s = config.sample
+  out_dir = os.fspath(paths.path(workdir) / "samples" / f"{s.sampler}_{s.steps}")
+  m = config.model
+  result = samplers.generate(
+      config_lib.build_model(config), config_lib.build_diffusion(config), params, s, out_dir,
+      class_cond=m.class_cond, num_classes=m.num_classes,
+      image_shape=(m.image_size, m.image_size, m.in_channels),
+      write=jax.process_index() == 0)
+  result["dir"] = out_dir
+  result["files"] = [os.fspath(paths.path(out_dir) / "samples_grid.png")] + (
+      [os.fspath(paths.path(out_dir) / "samples.npz")] if s.save_npz else []) + (
+      [os.fspath(paths.path(out_dir) / "images")] if s.save_individual else [])
+  return result
