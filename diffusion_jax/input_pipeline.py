@@ -59,7 +59,8 @@ def _read_idx(path: str) -> np.ndarray:
   return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def _pad_to(images: np.ndarray, size: int) -> np.ndarray:
+def pad_to(images: np.ndarray, size: int) -> np.ndarray:
+  """Images (N, h, w, C) zero-padded, centred, to (N, size, size, C) (e.g. 28 px digits to 32)."""
   h, w = images.shape[1:3]
   if h > size or w > size:
     raise ValueError(f"Images of {h}×{w} do not fit image_size={size}.")
@@ -105,7 +106,7 @@ def get_source(data_config) -> ArraySource:
   name = data_config.dataset
   if name == "fashion_mnist":
     src = load_fashion_mnist(data_config.split, data_config.data_dir)
-    return ArraySource(_pad_to(src.images, data_config.image_size), src.labels)
+    return ArraySource(pad_to(src.images, data_config.image_size), src.labels)
   if name == "digits":
     src = load_digits()
     if data_config.image_size != 32:

@@ -225,25 +225,15 @@ def test_one_dit_step_lowers_the_loss_on_a_fixed_batch():
 
 @pytest.mark.slow  # two 12-step DiT runs through the CLI (~2 min)
 def test_dit_quickstart_trains_samples_and_resumes_bitwise_after_sigkill(tmp_path):
-  import random  # pylint: disable=import-outside-toplevel
-  import signal  # pylint: disable=import-outside-toplevel
   import subprocess  # pylint: disable=import-outside-toplevel
-  import time  # pylint: disable=import-outside-toplevel
+  from tests import process_kill  # pylint: disable=import-outside-toplevel
   ref = subprocess.run(_cli(tmp_path / "ref"), env=_env(), cwd=REPO, capture_output=True,
                        text=True, timeout=600)
   assert ref.returncode == 0, ref.stderr[-3000:]
   assert (tmp_path / "ref" / "samples.png").exists()
-  proc = subprocess.Popen(_cli(tmp_path / "killed"), env=_env(), cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpt = tmp_path / "killed" / "checkpoints"
-  deadline = time.time() + 300
-  while time.time() < deadline and not (ckpt.exists() and any(
-      p.name.isdigit() for p in ckpt.iterdir())):
-    time.sleep(0.05)
-  time.sleep(random.uniform(0.0, 0.3))
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) < 12
+  saved = process_kill.kill_after_first_checkpoint(_cli(tmp_path / "killed"),
+                                                  tmp_path / "killed", _env(), REPO, 0.3)
+  assert max(saved) < 12, f"the run finished before it was killed: {saved}"
   rerun = subprocess.run(_cli(tmp_path / "killed"), env=_env(), cwd=REPO,
                          capture_output=True, text=True, timeout=600)
   assert rerun.returncode == 0, rerun.stderr[-3000:]

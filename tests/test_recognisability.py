@@ -11,7 +11,7 @@ from diffusion_jax.evaluation import recognisability
 def fashion():
   train = input_pipeline.load_fashion_mnist("train")
   test = input_pipeline.load_fashion_mnist("test")
-  pad = lambda a: input_pipeline._pad_to(a, 32)  # pylint: disable=protected-access
+  pad = lambda a: input_pipeline.pad_to(a, 32)
   classifier = recognisability.Classifier.train(pad(train.images[:12000]),
                                                 train.labels[:12000], 10)
   return classifier, pad(test.images[:1000]), test.labels[:1000]

@@ -1,7 +1,6 @@
 """The training path: the step, data parallelism, checkpoints, resume, bad input."""
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 
 from diffusion_jax import checkpoints, config_lib, input_pipeline, paths, reporting, train
 from diffusion_jax import run as run_lib
-from tests import tiny_config
+from tests import process_kill, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -181,50 +180,6 @@ def test_resume_continues_and_refuses_a_different_model(tmp_path):
   assert row["objective_changed"] == 1.0 and "'constant'" in row["objective_change"]
 
 
-def _truncate_state_files(step_dir):
-  for f in (step_dir / "state").rglob("*"):
-    if f.is_file() and f.parent.name == "d":
-      with open(f, "r+b") as handle:
-        handle.truncate(10)
-
-
-_DAMAGE = {
-    "_METADATA deleted": lambda d: (d / "state" / "_METADATA").unlink(),
-    "array data truncated": _truncate_state_files,
-    "step folder empty": lambda d: [p.unlink() for p in sorted(d.rglob("*"), reverse=True)
-                                    if p.is_file()],
-}
-
-
-def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, capfd):
-  config = tiny_config.get_config()
-  config.train.update(num_steps=6, checkpoint_every=2, log_every=2)
-  reference = train.train_and_sample(config, str(tmp_path / "ref"))
-  for i, (name, damage) in enumerate(_DAMAGE.items()):
-    workdir = tmp_path / f"run{i}"
-    config.train.num_steps = 4
-    train.train_and_sample(config, str(workdir))
-    damage(workdir / "checkpoints" / "4")
-    config.train.num_steps = 6
-    capfd.readouterr()
-    state = train.train_and_sample(config, str(workdir))
-    err = capfd.readouterr().err
-    assert "Checkpoint step 4 is damaged" in err and "resuming from an older step" in err, name
-    _assert_trees_equal(state, reference)
-    assert (workdir / "checkpoints" / "damaged" / "4").is_dir(), name  # kept, not deleted
-    assert checkpoints.checkpoint_steps(str(workdir)) == [2, 4, 6], name
-  # An explicit step, and a workdir where nothing restores: errors, nothing moved.
-  config.train.resume_step = 3
-  with pytest.raises(checkpoints.CheckpointConfigError, match="resume_step=3 is not saved"):
-    train.train_and_sample(config, str(workdir))
-  config.train.resume_step = -1
-  for step in (2, 4, 6):
-    (workdir / "checkpoints" / str(step) / "state" / "_METADATA").unlink()
-  with pytest.raises(checkpoints.CheckpointConfigError, match="No checkpoint .* can be restored"):
-    train.train_and_sample(config, str(workdir))
-  assert checkpoints.checkpoint_steps(str(workdir)) == [2, 4, 6]
-
-
 def test_bad_input_gives_one_clear_error(tmp_path, monkeypatch):
   config = tiny_config.get_config()
   with pytest.raises(ValueError, match="choose one of .*'debias'"):
@@ -336,17 +291,8 @@ def test_sigkill_then_rerun_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
   ref = subprocess.run(_cli(tmp_path / "ref", *args), env=_env(), cwd=REPO,
                        capture_output=True, text=True, timeout=600)
   assert ref.returncode == 0, ref.stderr[-3000:]
-  proc = subprocess.Popen(_cli(tmp_path / "killed", *args), env=_env(), cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpt = tmp_path / "killed" / "checkpoints"
-  deadline = time.time() + 300
-  while time.time() < deadline and not (ckpt.exists() and any(
-      p.name.isdigit() for p in ckpt.iterdir())):
-    time.sleep(0.05)
-  time.sleep(random.uniform(0.0, 0.5))
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  saved = [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()]
+  saved = process_kill.kill_after_first_checkpoint(_cli(tmp_path / "killed", *args),
+                                                  tmp_path / "killed", _env(), REPO, 0.5)
   assert max(saved) < 12, f"the run finished before it was killed: {saved}"
   rerun = subprocess.run(_cli(tmp_path / "killed", *args), env=_env(), cwd=REPO,
                          capture_output=True, text=True, timeout=600)

@@ -1,0 +1,78 @@
+"""Checkpoints: damaged steps are set aside and an older one resumes; the fields that
+decide whether a checkpoint fits a config."""
+import jax
+import numpy as np
+import pytest
+
+from diffusion_jax import checkpoints, train
+from tests import tiny_config
+
+
+def _assert_trees_equal(a, b):
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _truncate_state_files(step_dir):
+  for f in (step_dir / "state").rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      with open(f, "r+b") as handle:
+        handle.truncate(10)
+
+
+_DAMAGE = {
+    "_METADATA deleted": lambda d: (d / "state" / "_METADATA").unlink(),
+    "array data truncated": _truncate_state_files,
+    "step folder empty": lambda d: [p.unlink() for p in sorted(d.rglob("*"), reverse=True)
+                                    if p.is_file()],
+}
+
+
+@pytest.mark.slow  # four tiny training runs (~75 s)
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, capfd):
+  config = tiny_config.get_config()
+  config.train.update(num_steps=6, checkpoint_every=2, log_every=2)
+  reference = train.train_and_sample(config, str(tmp_path / "ref"))
+  for i, (name, damage) in enumerate(_DAMAGE.items()):
+    workdir = tmp_path / f"run{i}"
+    config.train.num_steps = 4
+    train.train_and_sample(config, str(workdir))
+    damage(workdir / "checkpoints" / "4")
+    config.train.num_steps = 6
+    capfd.readouterr()
+    state = train.train_and_sample(config, str(workdir))
+    err = capfd.readouterr().err
+    assert "Checkpoint step 4 is damaged" in err and "resuming from an older step" in err, name
+    _assert_trees_equal(state, reference)
+    assert (workdir / "checkpoints" / "damaged" / "4").is_dir(), name  # kept, not deleted
+    assert checkpoints.checkpoint_steps(str(workdir)) == [2, 4, 6], name
+  # An explicit step, and a workdir where nothing restores: errors, nothing moved.
+  config.train.resume_step = 3
+  with pytest.raises(checkpoints.CheckpointConfigError, match="resume_step=3 is not saved"):
+    train.train_and_sample(config, str(workdir))
+  config.train.resume_step = -1
+  for step in (2, 4, 6):
+    (workdir / "checkpoints" / str(step) / "state" / "_METADATA").unlink()
+  with pytest.raises(checkpoints.CheckpointConfigError, match="No checkpoint .* can be restored"):
+    train.train_and_sample(config, str(workdir))
+  assert checkpoints.checkpoint_steps(str(workdir)) == [2, 4, 6]
+
+
+
+def test_model_and_objective_differences_are_named():
+  config = tiny_config.get_config()
+  saved = config.to_dict()
+  other = tiny_config.get_config()
+  other.model.num_channels = 64
+  other.optim.ema_rates = (0.5,)
+  assert checkpoints.model_mismatches(saved, other) == [
+      "model.num_channels: checkpoint 32, config 64",
+      "optim.ema_rates: checkpoint [0.99, 0.9], config [0.5]"]
+  other = tiny_config.get_config()
+  other.diffusion.weighting = "p2"
+  other.optim.lr = 1.0  # not a checkpoint-defining field
+  assert checkpoints.model_mismatches(saved, other) == []
+  assert checkpoints.objective_changes(saved, other) == [
+      "diffusion.weighting: checkpoint 'debias', config 'p2'"]
