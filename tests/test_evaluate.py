@@ -161,8 +161,8 @@ def test_bad_eval_config(field, value, match):
 class _ZeroModel:
   """ε̂ = 0 (and a zero variance output): then x̂0 − x0 = ε/√SNR(t)."""
 
-  def apply(self, variables, x, t, y=None):
-    del variables, t, y
+  def apply(self, variables, x, t, y=None, train=False, rngs=None):
+    del variables, t, y, train, rngs
     return jnp.zeros(x.shape[:-1] + (2 * x.shape[-1],), x.dtype)
 
 
