@@ -8,6 +8,7 @@ and override any field on the command line, e.g. `--config.diffusion.weighting=p
 import ml_collections
 
 from diffusion_jax import models
+from diffusion_jax import resample
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -25,8 +26,14 @@ def get_config() -> ml_collections.ConfigDict:
       var_type="learned_range",    # fixed_small | fixed_large | learned_range
       loss_type="rescaled_mse",    # mse | rescaled_mse (hybrid) | kl | rescaled_kl
       weighting="debias",          # see diffusion_jax.weighting.available()
-      timestep_sampler="uniform",  # uniform | loss-second-moment
+      # uniform | loss-second-moment | importance | logit_normal | laplace_logsnr
+      # (diffusion_jax/resample.py: each keeps the uniform-t objective unless
+      # weighting_params.density_is_weight)
+      timestep_sampler="uniform",
   ))
+  # The fixed densities' parameters: logit_normal (loc, scale), laplace_logsnr (mu, b).
+  c.diffusion.timestep_sampler_params = ml_collections.ConfigDict(
+      resample.DENSITY_DEFAULTS)
   # Parameters of the weighting; None = the weighting's own default. `space`: eps
   # (same objective for every target) or target (the official code's convention).
   c.diffusion.weighting_params = ml_collections.ConfigDict(dict(
@@ -37,6 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
       space="eps",
       normalize=False,
       max_weight=ml_collections.FieldReference(None, field_type=float),
+      # logit_normal / laplace_logsnr: True makes the density part of the weighting (SD3)
+      # instead of being importance-corrected to the uniform-t objective.
+      density_is_weight=False,
   ))
 
   c.data = ml_collections.ConfigDict(dict(

@@ -18,7 +18,6 @@ from absl import logging
 from etils import epath
 
 from diffusion_jax import config_lib
-from diffusion_jax import models
 from diffusion_jax import paths
 
 ITEMS = ("state", "data_iter", "config")
@@ -287,12 +286,14 @@ CHECKPOINT_FIELDS = {"model": None,
 
 # Fields that define the training objective: changing them on resume is deliberate only.
 OBJECTIVE_FIELDS = ("diffusion.weighting", "diffusion.weighting_params", "diffusion.loss_type",
+                    "diffusion.timestep_sampler_params",
                     "diffusion.timestep_sampler")
 
 
 def objective_changes(saved: dict, config) -> list[str]:
   """OBJECTIVE_FIELDS whose values differ between a checkpoint's config and `config`."""
   current = json.loads(config_lib.to_json(config))
+  saved = config_lib.with_defaults(saved)
   diffs = []
   for field in OBJECTIVE_FIELDS:
     section, key = field.split(".")
@@ -306,10 +307,9 @@ def model_mismatches(saved: dict, config) -> list[str]:
   """Fields that make a checkpoint saved under config `saved` (a dict) unusable here."""
   diffs = []
   current = json.loads(config_lib.to_json(config))
+  saved = config_lib.with_defaults(saved)  # e.g. a model saved before names: a UNet
   for section, keys in CHECKPOINT_FIELDS.items():
-    old, new = dict(saved.get(section, {})), current[section]
-    if section == "model":  # saved before architectures had names: a UNet
-      old.setdefault("name", models.name_of(old))
+    old, new = saved.get(section, {}), current[section]
     for key in sorted(keys or set(old) | set(new)):
       a, b = old.get(key), new.get(key)
       if isinstance(a, list) or isinstance(b, list):

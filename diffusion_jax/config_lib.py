@@ -176,8 +176,10 @@ def _validate_train_and_optim(config) -> None:
 
 
 def weighting_params(config) -> dict:
-  """The weighting's parameters from config.diffusion.weighting_params, Nones dropped."""
-  return {k: v for k, v in config.diffusion.weighting_params.items() if v is not None}
+  """The weighting's parameters from config.diffusion.weighting_params, Nones dropped
+  (density_is_weight belongs to the timestep sampler)."""
+  return {k: v for k, v in config.diffusion.weighting_params.items()
+          if v is not None and k != "density_is_weight"}
 
 
 def validate_config(config, num_devices: int | None = None) -> None:
@@ -203,7 +205,7 @@ def _validate(config, num_devices: int | None) -> None:
   validate_eval_fields(config)
   d = config.diffusion
   diffusion_lib.check_settings(d.target, d.var_type, d.loss_type)
-  resample.TimestepSampler(d.timestep_sampler, d.num_timesteps)
+  build_timestep_sampler(config, build_diffusion(config))
   params = weighting_params(config)
   weighting_lib.loss_weight(d.weighting, np.array([0.5, 2.0]), target=d.target, **params)
   if config.model.learn_sigma != (d.var_type == "learned_range"):
@@ -249,9 +251,11 @@ def build_diffusion(config) -> diffusion_lib.GaussianDiffusion:
       loss_type=d.loss_type, weighting=d.weighting, weighting_params=weighting_params(config))
 
 
-def build_timestep_sampler(config) -> resample.TimestepSampler:
-  return resample.TimestepSampler(config.diffusion.timestep_sampler,
-                                  config.diffusion.num_timesteps)
+def build_timestep_sampler(config, diffusion) -> resample.TimestepSampler:
+  d = config.diffusion
+  return resample.TimestepSampler.for_diffusion(
+      d.timestep_sampler, diffusion, density_is_weight=d.weighting_params.density_is_weight,
+      **d.timestep_sampler_params)
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -278,8 +282,9 @@ class Components(NamedTuple):
 
 
 def build(config) -> Components:
-  return Components(build_model(config), build_diffusion(config), build_optimizer(config),
-                    build_timestep_sampler(config))
+  diffusion = build_diffusion(config)
+  return Components(build_model(config), diffusion, build_optimizer(config),
+                    build_timestep_sampler(config, diffusion))
 
 
 class TrainSettings(NamedTuple):
@@ -319,5 +324,21 @@ def to_json(config) -> str:
   return config.to_json(sort_keys=True)
 
 
+def with_defaults(saved: dict) -> dict:
+  """A saved config (dict) with every field added since it was saved set to its default
+  (the model's from its architecture), so older checkpoints keep loading."""
+  base = json.loads(to_json(_default_config()))
+  base["model"] = json.loads(json.dumps(models.config_fields(
+      models.name_of(saved.get("model", {})))))
+
+  def merge(default, value):
+    if isinstance(default, dict) and isinstance(value, dict):
+      return {**default, **{k: merge(default.get(k), v) for k, v in value.items()}}
+    return value
+
+  return merge(base, saved)
+
+
 def from_json(text: str) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(json.loads(text))
+  """A config saved as JSON (see `with_defaults`)."""
+  return ml_collections.ConfigDict(with_defaults(json.loads(text)))

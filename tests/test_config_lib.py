@@ -144,3 +144,32 @@ def test_a_checkpoint_config_saved_before_model_names_is_a_unet():
   config.model.update(image_size=32, in_channels=1)
   assert "model.name: checkpoint 'adm_unet', config 'dit'" in checkpoints.model_mismatches(
       saved, config)
+
+
+def test_timestep_samplers_are_built_and_checked_from_the_config():
+  config = tiny_config.get_config()
+  for name in ("importance", "logit_normal", "laplace_logsnr"):
+    config.diffusion.timestep_sampler = name
+    config_lib.validate_config(config, num_devices=1)
+    sampler = config_lib.build(config).timestep_sampler
+    assert sampler.name == name and len(sampler.density) == 1000
+  config.diffusion.timestep_sampler_params.b = -1.0
+  with pytest.raises(config_lib.ConfigError, match="timestep_sampler_params.b=-1.0"):
+    config_lib.validate_config(config, num_devices=1)
+  config.diffusion.timestep_sampler = "uniform"
+  config.diffusion.weighting_params.density_is_weight = True
+  with pytest.raises(config_lib.ConfigError, match="density_is_weight applies to"):
+    config_lib.validate_config(config, num_devices=1)
+
+
+def test_a_config_saved_before_new_fields_loads_with_their_defaults():
+  import json  # pylint: disable=import-outside-toplevel
+  saved = tiny_config.get_config().to_dict()
+  del saved["diffusion"]["timestep_sampler_params"]
+  del saved["diffusion"]["weighting_params"]["density_is_weight"]
+  del saved["sample"]["order"]
+  loaded = config_lib.from_json(json.dumps(saved))
+  assert loaded.diffusion.timestep_sampler_params.b == 0.5
+  assert loaded.sample.order == 2 and loaded.model.num_channels == 32
+  config_lib.validate_config(loaded, num_devices=1)
+  assert checkpoints.objective_changes(saved, tiny_config.get_config()) == []

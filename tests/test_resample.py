@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import resample
 
 
@@ -37,6 +38,59 @@ def test_second_moment_sampler_matches_its_definition():
   assert float(np.mean(w * per_t[np.asarray(tt)])) == pytest.approx(per_t.mean(), rel=0.03)
 
 
-def test_unknown_sampler():
-  with pytest.raises(ValueError, match="'uniform', 'loss-second-moment'"):
+def test_unknown_sampler_and_misused_options():
+  with pytest.raises(ValueError, match="'uniform', 'loss-second-moment', 'importance'"):
+    resample.TimestepSampler("karras", 10)
+  with pytest.raises(ValueError, match="build it with TimestepSampler.for_diffusion"):
     resample.TimestepSampler("importance", 10)
+  diff = _diffusion("debias")
+  with pytest.raises(ValueError, match="density_is_weight applies to the logit_normal"):
+    resample.TimestepSampler.for_diffusion("importance", diff, density_is_weight=True)
+  with pytest.raises(ValueError, match="scale=0.0: must be > 0"):
+    resample.TimestepSampler.for_diffusion("logit_normal", diff, scale=0.0)
+
+
+def _diffusion(weighting):
+  return diffusion_lib.create_diffusion("linear", 1000, weighting=weighting)
+
+
+@pytest.mark.parametrize("weighting", ["debias", "constant", "min_snr", "p2"])
+@pytest.mark.parametrize("name", ["importance", "logit_normal", "laplace_logsnr"])
+def test_every_fixed_density_keeps_the_uniform_objective_exactly(weighting, name):
+  """Σ_t p(t)·weight(t)·w(t)·L(t) = (1/T)·Σ_t w(t)·L(t) for any per-step losses L, in
+  float64 over the full t range; `importance` makes each example's factor constant."""
+  diff = _diffusion(weighting)
+  s = resample.TimestepSampler.for_diffusion(name, diff)
+  p = np.asarray(s.density, np.float64)
+  assert p.shape == (1000,) and np.all(p > 0) and np.isclose(p.sum(), 1.0, rtol=1e-12)
+  weight = 1.0 / (1000 * p)  # what `sample` returns for t
+  losses = np.random.default_rng(0).gamma(2.0, size=1000)
+  w = np.asarray(diff.loss_weight)
+  np.testing.assert_allclose(np.sum(p * weight * w * losses), np.mean(w * losses), rtol=1e-12)
+  if name == "importance":
+    np.testing.assert_allclose(weight * w, np.mean(w), rtol=1e-9)
+  t, sampled = s.sample(s.init(), jax.random.PRNGKey(0), 8)
+  np.testing.assert_allclose(sampled, weight[np.asarray(t)], rtol=1e-5)
+
+
+def test_fixed_densities_have_their_shapes():
+  diff = _diffusion("debias")
+  logit = np.asarray(resample.fixed_density("logit_normal", diff.loss_weight, diff.log_snr))
+  assert abs(int(np.argmax(logit)) - 500) <= 1  # loc 0: the mode at t = T/2
+  lap = np.asarray(resample.fixed_density("laplace_logsnr", diff.loss_weight, diff.log_snr,
+                                          mu=0.0, b=0.5))
+  assert abs(float(diff.log_snr[int(np.argmax(lap))])) < 0.05  # the mode where log-SNR = 0
+  # Half the Laplace mass lies on each side of log-SNR = mu.
+  assert np.isclose(lap[np.asarray(diff.log_snr) > 0].sum(), 0.5, atol=0.01)
+  debias = np.asarray(resample.fixed_density("importance", diff.loss_weight, diff.log_snr))
+  assert debias[999] / debias[0] > 1000  # 1/√SNR grows ~1e4-fold over t
+
+
+def test_density_as_weight_returns_unit_weights_and_draws_the_density():
+  s = resample.TimestepSampler.for_diffusion("logit_normal", _diffusion("constant"),
+                                             density_is_weight=True)
+  t, w = s.sample(s.init(), jax.random.PRNGKey(0), 20000)
+  np.testing.assert_array_equal(w, 1.0)
+  hist = np.bincount(np.asarray(t) // 100, minlength=10) / 20000
+  want = np.asarray(s.density).reshape(10, 100).sum(1)
+  np.testing.assert_allclose(hist, want, atol=0.01)
