@@ -4,6 +4,8 @@ guided-diffusion's ADM: 128 channels, 1 res block, attention at 16 px with 64-ch
 heads, resblock up/down, scale-shift norm, learned sigma (hybrid loss); linear schedule
 with T=1000; AdamW lr 2e-5, weight decay 0; batch 8; EMA 0.9999; 500k steps.
 """
+import ml_collections
+
 from configs import default
 
 

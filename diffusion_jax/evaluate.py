@@ -27,6 +27,8 @@ from diffusion_jax import config_lib
 from diffusion_jax import input_pipeline
 from diffusion_jax import models
 from diffusion_jax import paths
+from diffusion_jax import reporting
+from diffusion_jax import resample
 from diffusion_jax import run as run_lib
 from diffusion_jax import samplers
 from diffusion_jax import train
@@ -50,10 +52,25 @@ def validate_eval_config(config, compare_mode: bool = False) -> None:
     raise ValueError(f"config.eval.reference_npz={e.reference_npz!r} does not exist.")
   if compare_mode:
     names = _names(config.compare.weightings)
-    unknown = [n for n in names if n not in weighting_lib.available()]
-    if len(names) < 2 or unknown or len(set(names)) != len(names):
-      raise ValueError(f"config.compare.weightings={config.compare.weightings!r}: give two or "
-                       f"more distinct names from {weighting_lib.available()}.")
+    unknown = [n for n in names if _run_spec(n, config) is None]
+    specs = {_run_spec(n, config) for n in names}
+    if len(names) < 2 or unknown or len(specs) != len(names):
+      raise ValueError(
+          f"config.compare.weightings={config.compare.weightings!r}: give two or more "
+          f"distinct runs, each a weighting from {weighting_lib.available()}, optionally "
+          f"+ a timestep sampler from {list(resample.TIMESTEP_SAMPLERS)} "
+          "(e.g. 'constant,debias,debias+importance')."
+          + (f" Not understood: {unknown}." if unknown else ""))
+
+
+def _run_spec(name: str, config):
+  """(weighting, timestep sampler) of a compare entry "weighting[+sampler]" (the sampler
+  defaults to config.diffusion.timestep_sampler), or None when it names neither."""
+  weighting, _, sampler = name.partition("+")
+  sampler = sampler or config.diffusion.timestep_sampler
+  if weighting not in weighting_lib.available() or sampler not in resample.TIMESTEP_SAMPLERS:
+    return None
+  return weighting, sampler
 
 
 def data_images(data_config, num: int, seed: int, split: str | None = None):
@@ -411,19 +428,18 @@ def evaluate_workdir(config, workdir: str) -> dict:
 
 def _trained_run_config(config, name: str):
   sub = config.copy_and_resolve_references()
-  sub.diffusion.weighting = name
+  sub.diffusion.weighting, sub.diffusion.timestep_sampler = _run_spec(name, config)
   return sub
 
 
 def _train_or_reuse(sub_config, run_dir: str, name: str) -> None:
-  """Trains into run_dir, resuming; a finished run with the same weighting is reused."""
+  """Trains into run_dir, resuming; a finished run of the same objective is reused."""
   steps = checkpoints.checkpoint_steps(run_dir)
   if steps:
     saved = checkpoints.saved_config(run_dir)
     mismatch = checkpoints.model_mismatches(json.loads(config_lib.to_json(saved)), sub_config)
-    if saved.diffusion.weighting != name:
-      mismatch.append(f"diffusion.weighting: checkpoint {saved.diffusion.weighting!r}, "
-                      f"this run {name!r}")
+    mismatch += checkpoints.objective_changes(json.loads(config_lib.to_json(saved)),
+                                              sub_config)
     if mismatch:
       raise checkpoints.CheckpointConfigError(
           f"{run_dir} holds a run with a different configuration:\n  " + "\n  ".join(mismatch)
@@ -433,6 +449,24 @@ def _train_or_reuse(sub_config, run_dir: str, name: str) -> None:
       return
   tqdm.write(f"[{name}] training into {run_dir}")
   train.train_and_sample(sub_config, run_dir)
+
+
+def training_statistics(workdir: str, last_fraction: float = 0.25) -> dict:
+  """Gradient noise and loss by timestep over the last `last_fraction` of a run's logged
+  intervals (metrics.jsonl): the gradient norm's mean and variance over those steps
+  (from each interval's mean of g and g²) and the mean loss per quarter of t."""
+  rows = [r for r in reporting.read_metrics(workdir) if "grad_norm" in r]
+  rows = rows[-max(1, round(len(rows) * last_fraction)):] if rows else []
+  if not rows or "grad_norm_sq" not in rows[0]:
+    return {"n_intervals": len(rows)}
+  mean = float(np.mean([r["grad_norm"] for r in rows]))
+  mean_sq = float(np.mean([r["grad_norm_sq"] for r in rows]))
+  out = {"n_intervals": len(rows), "first_step": rows[0]["step"], "last_step": rows[-1]["step"],
+         "grad_norm_mean": mean, "grad_norm_var": max(mean_sq - mean**2, 0.0)}
+  for q in range(4):
+    values = [r[f"loss_q{q}"] for r in rows if f"loss_q{q}" in r]
+    out[f"loss_q{q}"] = float(np.mean(values)) if values else None
+  return out
 
 
 def _fmt(value, digits=2):
@@ -500,6 +534,18 @@ def write_report(report: dict, config, path: str) -> str:
             "|---" * (len(lo) + 1) + "|"]
   for label in labels:
     lines.append(f"| {label} | " + " | ".join(f"{v:.4f}" for v in x0[label]["x0_mse"]) + " |")
+  training = report.get("training", {})
+  if training:
+    lines += ["", "## Training: gradient noise and loss by timestep (last quarter of the "
+              "logged steps)", "",
+              "| run | steps | grad-norm mean | grad-norm variance | loss t∈[0,T/4) | "
+              "[T/4,T/2) | [T/2,3T/4) | [3T/4,T) |", "|---" * 8 + "|"]
+    for label in labels:
+      t = training.get(label, {})
+      steps = f"{t['first_step']}–{t['last_step']}" if "first_step" in t else "–"
+      lines.append(f"| {label} | {steps} | {_fmt(t.get('grad_norm_mean'), 3)} | "
+                   f"{_fmt(t.get('grad_norm_var'), 4)} | "
+                   + " | ".join(_fmt(t.get(f"loss_q{q}"), 4) for q in range(4)) + " |")
   lines += ["", "## Plots", ""]
   for name, file in report["files"].items():
     if not file.endswith(".png"):
@@ -520,6 +566,7 @@ def compare(config, workdir: str) -> dict:
     _train_or_reuse(sub, _join(workdir, "runs", name), name)
   runs = [run_lib.open_run(_join(workdir, "runs", n), n, config.eval.ema_rate) for n in names]
   report = evaluate_runs(runs, config, _join(workdir, "compare"), workdir)
+  report["training"] = {n: training_statistics(_join(workdir, "runs", n)) for n in names}
   report["files"]["report"] = write_report(report, config, _join(workdir, "report.md"))
   analysis.write_json(report, _join(workdir, "report.json"))
   return report

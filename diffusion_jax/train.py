@@ -181,6 +181,7 @@ def make_train_step(components: config_lib.Components, settings: config_lib.Trai
 
     q_sum, q_count = _quarter_stats(t, terms["loss"], diffusion.num_timesteps)
     metrics = {"loss": loss, "mse": jnp.mean(terms["mse"]), "grad_norm": grad_norm,
+               "grad_norm_sq": grad_norm**2,
                "lr": schedule(state.step), "finite": finite.astype(jnp.float32),
                "quarter_loss_sum": q_sum, "quarter_count": q_count}
     if "vb" in terms:

@@ -147,7 +147,9 @@ def test_compare_refuses_a_run_with_another_weighting(tmp_path):
     ("eval.colour_steps", "0,2", "comma-separated positive integers"),
     ("eval.num_samples", 2, "must exceed 3"),
     ("compare.weightings", "debias", "two or more"),
-    ("compare.weightings", "debias,p3", "two or more distinct names"),
+    ("compare.weightings", "debias,p3", r"two or more distinct runs.*Not understood: \['p3'\]"),
+    ("compare.weightings", "debias,debias+sobol", r"Not understood: \['debias\+sobol'\]"),
+    ("compare.weightings", "debias,debias+uniform", r"two or more distinct runs"),
     ("eval.reference_npz", "/nonexistent/ref.npz", "does not exist"),
 ])
 def test_bad_eval_config(field, value, match):
@@ -156,6 +158,28 @@ def test_bad_eval_config(field, value, match):
   config[section][name] = value
   with pytest.raises(ValueError, match=match):
     evaluate.validate_eval_config(config, compare_mode=True)
+
+
+def test_compare_entries_pair_a_weighting_with_a_timestep_sampler():
+  config = _tiny_eval_config("constant,debias+importance,min_snr+logit_normal")
+  evaluate.validate_eval_config(config, compare_mode=True)
+  subs = [evaluate._trained_run_config(config, n)  # pylint: disable=protected-access
+          for n in ("constant", "debias+importance", "min_snr+logit_normal")]
+  assert [(s.diffusion.weighting, s.diffusion.timestep_sampler) for s in subs] == [
+      ("constant", "uniform"), ("debias", "importance"), ("min_snr", "logit_normal")]
+
+
+def test_training_statistics_from_the_logged_intervals(tmp_path):
+  rows = [{"step": 10 * i, "loss": 1.0, "grad_norm": float(i), "grad_norm_sq": float(i * i + 1),
+           "loss_q0": 0.1, "loss_q1": 0.2, "loss_q2": 0.3, "loss_q3": float(i)}
+          for i in range(1, 9)]
+  (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+  stats = evaluate.training_statistics(str(tmp_path))
+  # The last quarter: intervals 7 and 8; E[g] = 7.5, E[g²] = (50 + 65)/2 = 57.5.
+  assert stats["n_intervals"] == 2 and (stats["first_step"], stats["last_step"]) == (70, 80)
+  assert stats["grad_norm_mean"] == 7.5 and stats["grad_norm_var"] == pytest.approx(1.25)
+  assert stats["loss_q3"] == 7.5 and stats["loss_q0"] == pytest.approx(0.1)
+  assert evaluate.training_statistics(str(tmp_path / "none")) == {"n_intervals": 0}
 
 
 class _ZeroModel:
