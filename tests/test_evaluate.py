@@ -228,3 +228,16 @@ def test_static_fraction_separates_static_from_garments():
   assert analysis.static_fraction(real) < 0.01
   assert analysis.static_fraction(static) == 1.0
   assert analysis.static_fraction(np.concatenate([real[:150], static])) == 0.25
+
+
+def test_gradient_variance_is_computed_for_any_timestep_sampler():
+  """Only that it is computed (its value is a measurement, in the README)."""
+  from diffusion_jax import config_lib, models  # pylint: disable=import-outside-toplevel
+  config = _tiny_eval_config()
+  images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 1)), jnp.float32)
+  config.diffusion.timestep_sampler = "importance"
+  c = config_lib.build(config)
+  params = models.init_params(c.model, jax.random.PRNGKey(0))
+  out = analysis.gradient_variance(c.model, c.diffusion, c.timestep_sampler, params, images,
+                                   jax.random.PRNGKey(1), draws=3)
+  assert out["draws"] == 3 and out["trace_var"] > 0 and out["mean_norm"] > 0
