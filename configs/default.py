@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
       space="eps",
       normalize=False,
       max_weight=ml_collections.FieldReference(None, field_type=float),
+      base=ml_collections.FieldReference(None, field_type=str),  # learned: w₀ (debias)
       # logit_normal / laplace_logsnr: True makes the density part of the weighting (SD3)
       # instead of being importance-corrected to the uniform-t objective.
       density_is_weight=False,
@@ -73,6 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
       grad_clip=0.0,               # global-norm clip; 0 disables
       grad_accum_steps=1,          # micro-batches per step (batch_size must divide)
       ema_rates=(0.9999,),
+      learned_weight_lr=1e-2,      # weighting=learned: Adam lr of the u(log-SNR) network
   ))
 
   c.train = ml_collections.ConfigDict(dict(

@@ -16,6 +16,7 @@ import optax
 
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import input_pipeline
+from diffusion_jax import learned_weighting
 from diffusion_jax import models
 from diffusion_jax import resample
 from diffusion_jax import weighting as weighting_lib
@@ -165,6 +166,8 @@ def _validate_train_and_optim(config) -> None:
     _require(math.isfinite(o[name]) and 0 <= o[name] < 1, f"optim.{name}", o[name],
              "must be in [0, 1)")
   _require(math.isfinite(o.eps) and o.eps > 0, "optim.eps", o.eps, "must be > 0")
+  _require(math.isfinite(o.learned_weight_lr) and o.learned_weight_lr > 0,
+           "optim.learned_weight_lr", o.learned_weight_lr, "must be > 0")
   _require(isinstance(o.warmup_steps, int) and o.warmup_steps >= 0, "optim.warmup_steps",
            o.warmup_steps, "must be ≥ 0")
   _require(o.lr_schedule in LR_SCHEDULES, "optim.lr_schedule", o.lr_schedule,
@@ -208,6 +211,9 @@ def _validate(config, num_devices: int | None) -> None:
   build_timestep_sampler(config, build_diffusion(config))
   params = weighting_params(config)
   weighting_lib.loss_weight(d.weighting, np.array([0.5, 2.0]), target=d.target, **params)
+  if d.weighting == "learned" and d.loss_type not in ("mse", "rescaled_mse"):
+    raise ValueError(f"diffusion.weighting='learned' weights the MSE term; "
+                     f"loss_type={d.loss_type!r} has none. Use mse or rescaled_mse.")
   if config.model.learn_sigma != (d.var_type == "learned_range"):
     raise ValueError(f"model.learn_sigma={config.model.learn_sigma} conflicts with "
                      f"diffusion.var_type={d.var_type!r}: a learned variance needs "
@@ -274,17 +280,21 @@ def learning_rate_schedule(config):
 
 
 class Components(NamedTuple):
-  """What a training config builds: the network, the diffusion, the optimiser, the t-sampler."""
+  """What a training config builds: the network, the diffusion, the optimiser, the
+  t-sampler, and (weighting="learned" only) the learned weighting."""
   model: Any
   diffusion: diffusion_lib.GaussianDiffusion
   tx: optax.GradientTransformation
   timestep_sampler: resample.TimestepSampler
+  learned_weight: learned_weighting.LearnedWeighting | None = None
 
 
 def build(config) -> Components:
   diffusion = build_diffusion(config)
+  learned = (learned_weighting.LearnedWeighting(lr=config.optim.learned_weight_lr)
+             if config.diffusion.weighting == "learned" else None)
   return Components(build_model(config), diffusion, build_optimizer(config),
-                    build_timestep_sampler(config, diffusion))
+                    build_timestep_sampler(config, diffusion), learned)
 
 
 class TrainSettings(NamedTuple):

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from diffusion_jax import checkpoints
 from diffusion_jax import config_lib
 from diffusion_jax import input_pipeline
+from diffusion_jax import learned_weighting
 from diffusion_jax import models
 from diffusion_jax import paths
 from diffusion_jax import reporting
@@ -71,6 +72,19 @@ def _run_spec(name: str, config):
   if weighting not in weighting_lib.available() or sampler not in resample.TIMESTEP_SAMPLERS:
     return None
   return weighting, sampler
+
+
+def learned_weight_curve(run: run_lib.Run) -> dict:
+  """A learned-weighting run's effective ε-weight w₀(t)/exp(u(λ_t)) for every t, and its
+  base weighting's w₀(t): {"t", "effective", "base", "base_name"} as lists."""
+  config = run.config
+  diffusion = run.diffusion
+  base = config.diffusion.weighting_params.base or "debias"
+  w0 = weighting_lib.epsilon_weight(base, np.asarray(diffusion.snr))
+  lw = learned_weighting.LearnedWeighting(lr=config.optim.learned_weight_lr)
+  effective = lw.effective_weight(run.weight_params, w0, diffusion.log_snr)
+  return {"t": list(range(diffusion.num_timesteps)), "effective": effective.tolist(),
+          "base": np.asarray(w0).tolist(), "base_name": base}
 
 
 def data_images(data_config, num: int, seed: int, split: str | None = None):
@@ -315,6 +329,13 @@ def evaluate_runs(runs: list[run_lib.Run], config, out_dir: str, cache_dir: str)
     value = points.put(name, run_settings, value, arrays)
     progress.done(name)
     return value, arrays
+
+  learned = {r.label: learned_weight_curve(r) for r in runs if r.weight_params is not None}
+  if learned:
+    report["learned_weight"] = learned
+    report["files"]["learned_weight"] = analysis.plot_weight_curves(
+        learned, runs[0].diffusion, out / "learned_weight.png")
+    save_report()
 
   tqdm.write(f"x0 error per timestep on {e.x0_num_examples} held-out images ({e.x0_split})")
   key = jax.random.PRNGKey(e.seed)

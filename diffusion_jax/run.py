@@ -14,6 +14,7 @@ import ml_collections
 
 from diffusion_jax import checkpoints
 from diffusion_jax import config_lib
+from diffusion_jax import learned_weighting
 from diffusion_jax import models
 from diffusion_jax import paths
 from diffusion_jax import samplers
@@ -49,6 +50,7 @@ class Run:
   config: ml_collections.ConfigDict
   params: dict
   train_step: int
+  weight_params: dict | None = None  # weighting="learned": the u(log-SNR) network
 
   @property
   def model(self):
@@ -70,9 +72,11 @@ def open_run(workdir: str, label: str = "", ema_rate: float = -1,
   (-1: the first), labelled `label` (default: the run's weighting)."""
   saved = checkpoints.saved_config(workdir, step)
   state = load_checkpoint(workdir, step)
+  learned = state.sampler_state.get(learned_weighting.STATE_KEY)
   return Run(label=label or saved.diffusion.weighting, workdir=workdir, config=saved,
              params=state.ema_params[ema_index(saved, ema_rate, "eval.ema_rate")],
-             train_step=int(state.step))
+             train_step=int(state.step),
+             weight_params=None if learned is None else learned["params"])
 
 
 def sample_from_workdir(config, workdir: str) -> dict:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from diffusion_jax import checkpoints
 from diffusion_jax import config_lib
 from diffusion_jax import input_pipeline
+from diffusion_jax import learned_weighting
 from diffusion_jax import models
 from diffusion_jax import paths
 from diffusion_jax import reporting
@@ -40,7 +41,10 @@ class TrainState:
 
   step: int32 scalar, steps taken. rng: uint32 (2,) base key, folded with the step.
   ema_params: one params pytree per config.optim.ema_rates entry, in that order.
-  sampler_state: the timestep sampler's loss history. nonfinite_steps: int32 count
+  sampler_state: the objective's own state: the timestep sampler's loss history, and
+  with weighting="learned" the u-network's params and Adam state under
+  learned_weighting.STATE_KEY (kept here so that other runs' checkpoints keep their
+  structure). nonfinite_steps: int32 count
   of steps whose update was dropped for a NaN/Inf loss or gradient.
   """
   step: jax.Array
@@ -75,13 +79,17 @@ def init_state(components: config_lib.Components, settings: config_lib.TrainSett
                key) -> TrainState:
   """A fresh TrainState: params from `key`, every EMA equal to them."""
   params = models.init_params(components.model, key)
+  sampler_state = components.timestep_sampler.init()
+  if components.learned_weight is not None:
+    sampler_state[learned_weighting.STATE_KEY] = components.learned_weight.init(
+        jax.random.fold_in(key, 1))
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
       ema_params=[params for _ in settings.ema_rates],
       opt_state=components.tx.init(params),
       rng=jax.random.key_data(jax.random.PRNGKey(settings.seed)),
-      sampler_state=components.timestep_sampler.init(),
+      sampler_state=sampler_state,
       nonfinite_steps=jnp.zeros((), jnp.int32))
 
 
@@ -124,14 +132,20 @@ def make_train_step(components: config_lib.Components, settings: config_lib.Trai
   batch: dict of image float32 (B, H, W, C) in [−1, 1] and label int32 (B,), global.
   The step's randomness (t, noise, dropout) comes from fold_in(state.rng, step).
   """
-  model, diffusion, tx, timestep_sampler = components
+  model, diffusion, tx, timestep_sampler, learned = components
   rates, accum = settings.ema_rates, settings.grad_accum_steps
   class_cond, schedule = settings.class_cond, settings.learning_rate
+  log_snr = jnp.asarray(diffusion.log_snr, jnp.float32)
 
-  def loss_fn(params, images, labels, t, weights, noise, dropout_key):
+  def loss_fn(trainable, images, labels, t, weights, noise, dropout_key):
+    """trainable: (model params, learned-weight params or None)."""
+    params, weight_params = trainable
     model_fn = models.bind(model, params, labels if class_cond else None, train=True,
                            dropout_key=dropout_key)
     terms = diffusion.training_losses(model_fn, images, t, noise)
+    if learned is not None:
+      terms["loss"] = (learned.per_example_loss(weight_params, terms["mse"], log_snr[t])
+                       + terms.get("vb", 0.0))
     loss = jnp.mean(terms["loss"] * weights)
     return loss, terms
 
@@ -145,8 +159,10 @@ def make_train_step(components: config_lib.Components, settings: config_lib.Trai
     t, weights = timestep_sampler.sample(state.sampler_state, k_t, bsz)
     noise = jax.random.normal(k_noise, images.shape, images.dtype)
 
+    weight_state = state.sampler_state.get(learned_weighting.STATE_KEY)
+    trainable = (state.params, None if weight_state is None else weight_state["params"])
     if accum == 1:
-      (loss, terms), grads = grad_fn(state.params, images, labels, t, weights, noise, k_drop)
+      (loss, terms), grads = grad_fn(trainable, images, labels, t, weights, noise, k_drop)
     else:
       micro = lambda a: a.reshape((accum, bsz // accum) + a.shape[1:])
       xs = tuple(micro(a) for a in (images, labels, t, weights, noise))
@@ -154,15 +170,16 @@ def make_train_step(components: config_lib.Components, settings: config_lib.Trai
       def body(carry, inp):
         g_sum, l_sum = carry
         i, (im, lb, tt, w, nz) = inp
-        (l, tr), g = grad_fn(state.params, im, lb, tt, w, nz, jax.random.fold_in(k_drop, i))
+        (l, tr), g = grad_fn(trainable, im, lb, tt, w, nz, jax.random.fold_in(k_drop, i))
         return (jax.tree_util.tree_map(jnp.add, g_sum, g), l_sum + l), tr
 
-      zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+      zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
       (grads, loss), terms = jax.lax.scan(body, (zeros, 0.0), (jnp.arange(accum), xs))
       grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
       loss = loss / accum
       terms = jax.tree_util.tree_map(lambda a: a.reshape((bsz,) + a.shape[2:]), terms)
 
+    grads, weight_grads = grads
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -170,8 +187,11 @@ def make_train_step(components: config_lib.Components, settings: config_lib.Trai
     params = optax.apply_updates(state.params, updates)
     ema = [jax.tree_util.tree_map(lambda e, p, r=r: r * e + (1 - r) * p, e_params, params)
            for r, e_params in zip(rates, state.ema_params)]
-    sampler_state = timestep_sampler.update(state.sampler_state, t,
-                                            jax.lax.stop_gradient(terms["loss"]))
+    history = {k: v for k, v in state.sampler_state.items()
+               if k != learned_weighting.STATE_KEY}
+    sampler_state = timestep_sampler.update(history, t, jax.lax.stop_gradient(terms["loss"]))
+    if weight_state is not None:
+      sampler_state[learned_weighting.STATE_KEY] = learned.update(weight_state, weight_grads)
     new = state.replace(step=state.step + 1, params=params, ema_params=ema,
                         opt_state=opt_state, sampler_state=sampler_state)
     # A non-finite step is dropped under both NaN policies; "halt" then stops on the

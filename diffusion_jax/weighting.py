@@ -81,6 +81,15 @@ def sigmoid(snr, bias=0.0):
   return scipy.special.expit(bias - np.log(snr))
 
 
+def learned(snr, base="debias"):
+  """The fixed part w₀ of the learned weighting: the weighting `base`. The learned factor
+  exp(−u(log SNR)) is trained with the network (see `learned_weighting`)."""
+  if base == "learned":
+    raise ValueError("weighting_params.base cannot be 'learned' itself; name a fixed "
+                     "weighting such as 'debias'.")
+  return epsilon_weight(base, snr)
+
+
 _REGISTRY: dict[str, Callable] = {
     "constant": constant,
     "debias": debias,
@@ -90,6 +99,7 @@ _REGISTRY: dict[str, Callable] = {
     "truncated_snr": truncated_snr,
     "edm": edm,
     "sigmoid": sigmoid,
+    "learned": learned,
 }
 
 

@@ -50,7 +50,7 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch():
   config = tiny_config.get_config()
   config.diffusion.var_type = "fixed_small"
   config.model.learn_sigma = False
-  model, diffusion, tx, sampler = _build(config)
+  model, diffusion = _build(config)[:2]
   mesh = train.make_mesh(config)
   state, _ = train.create_train_state(*_parts(config), mesh)
   batch = _fixed_batch(config)
@@ -81,7 +81,7 @@ def test_weighting_reaches_the_loss():
     config = tiny_config.get_config()
     config.diffusion.update(var_type="fixed_small", loss_type="mse", weighting=name)
     config.model.learn_sigma = False
-    model, diffusion, tx, sampler = _build(config)
+    model, diffusion = _build(config)[:2]
     state, _ = train.create_train_state(*_parts(config), train.make_mesh(config))
     params0 = state.params
     new_state, metrics = jax.jit(train.make_train_step(*_parts(config)))(state, batch)
@@ -113,7 +113,7 @@ def test_gradient_accumulation_and_bf16():
     config = tiny_config.get_config()
     config.optim.update(grad_accum_steps=accum, eps=1e-3)
     config.train.compute_dtype = dtype
-    model, diffusion, tx, sampler = _build(config)
+    model, diffusion = _build(config)[:2]
     state, _ = train.create_train_state(*_parts(config), train.make_mesh(config))
     p0 = jax.flatten_util.ravel_pytree(state.params)[0]
     state, metrics = jax.jit(train.make_train_step(*_parts(config)))(
@@ -286,8 +286,10 @@ def _cli(workdir, *overrides):
 
 
 @pytest.mark.slow
-def test_sigkill_then_rerun_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
-  args = ["--config.train.num_steps=12", "--config.train.checkpoint_every=4"]
+@pytest.mark.parametrize("weighting", ["debias", "learned"])
+def test_sigkill_then_rerun_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, weighting):
+  args = ["--config.train.num_steps=12", "--config.train.checkpoint_every=4",
+          f"--config.diffusion.weighting={weighting}"]
   ref = subprocess.run(_cli(tmp_path / "ref", *args), env=_env(), cwd=REPO,
                        capture_output=True, text=True, timeout=600)
   assert ref.returncode == 0, ref.stderr[-3000:]

@@ -119,6 +119,28 @@ def plot_x0_error(results: dict[str, dict], path: str) -> str:
   return _save(fig, path)
 
 
+def plot_weight_curves(learned: dict[str, dict], diffusion, path: str) -> str:
+  """Each learned run's effective ε-weight w₀/exp(u) against t, beside the fixed debias,
+  min_snr and p2 weights; every curve scaled to mean 1 over t (log scale)."""
+  from diffusion_jax import weighting as weighting_lib  # pylint: disable=import-outside-toplevel
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  snr = np.asarray(diffusion.snr)
+  t = np.arange(len(snr))
+  for name in ("debias", "min_snr", "p2"):
+    w = np.asarray(weighting_lib.epsilon_weight(name, snr), np.float64)
+    ax.plot(t, w / w.mean(), linestyle="--", label=name)
+  for label, curve in learned.items():
+    w = np.asarray(curve["effective"], np.float64)
+    ax.plot(t, w / w.mean(), linewidth=2.5,
+            label=f"{label}: w₀/exp(u), w₀={curve['base_name']}")
+  ax.set(xlabel="timestep t", ylabel="ε-MSE weight / its mean over t", yscale="log",
+         title="Learned effective weight against fixed weightings")
+  ax.legend()
+  ax.grid(alpha=0.3)
+  return _save(fig, path)
+
+
 # --- 2. colour shift -------------------------------------------------------------------
 
 def colour_statistics(images) -> dict:
