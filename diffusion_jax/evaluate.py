@@ -137,7 +137,7 @@ def sample_images(run: run_lib.Run, sampler: str, steps: int, num: int, batch_si
   sample_config = ml_collections.ConfigDict(dict(
       sampler=sampler, steps=steps, eta=0.0, num_samples=num, batch_size=batch,
       clip_denoised=True, seed=seed, save_npz=False, save_individual=False,
-      **dict(samplers.SOLVER_DEFAULTS, thresholding=False, **(solver_settings or {}))))
+      **{**samplers.SOLVER_DEFAULTS, "thresholding": False, **(solver_settings or {})}))
   return samplers.generate(run.model, run.diffusion, run.params, sample_config, "",
                            class_cond=m.class_cond, num_classes=m.num_classes,
                            image_shape=(m.image_size, m.image_size, m.in_channels),

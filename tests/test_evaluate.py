@@ -241,3 +241,19 @@ def test_gradient_variance_is_computed_for_any_timestep_sampler():
   out = analysis.gradient_variance(c.model, c.diffusion, c.timestep_sampler, params, images,
                                    jax.random.PRNGKey(1), draws=3)
   assert out["draws"] == 3 and out["trace_var"] > 0 and out["mean_norm"] > 0
+
+
+def test_sample_images_uses_the_solver_settings():
+  from diffusion_jax import config_lib, models  # pylint: disable=import-outside-toplevel
+  config = _tiny_eval_config()
+  model = config_lib.build_model(config)
+  params = models.init_params(model, jax.random.PRNGKey(0))
+  params = jax.tree_util.tree_map(lambda a: a + 0.05 * jax.random.normal(
+      jax.random.PRNGKey(a.size), a.shape), params)
+  r = run_lib.Run(label="x", workdir="", config=config, params=params, train_step=0)
+  one, three = (evaluate.sample_images(r, "unipc", 4, 2, 2, 0, dict(order=o, skip_type="logSNR",
+                                                                   thresholding=False))
+                for o in (1, 3))
+  assert one.shape == (2, 32, 32, 1) and np.abs(one.astype(int) - three.astype(int)).max() > 0
+  default = evaluate.sample_images(r, "ddim", 2, 2, 2, 0)
+  assert default.dtype == np.uint8
