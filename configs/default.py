@@ -59,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
       batch_size=16,               # global batch, split over every device and host
       random_flip=True,
       skip_bad_files=False,
+      holdout="",                  # prepare: a fraction ("0.05") or a folder → 'test' split
       prefetch=2,                  # batches read and sent to the devices ahead of the step
       seed=0,
   ))

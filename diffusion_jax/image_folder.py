@@ -27,6 +27,7 @@ from diffusion_jax import paths
 EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 METADATA = "dataset.json"
 RECORDS = "images.array_record"
+SPLIT_RECORDS = {"train": RECORDS, "test": "test.array_record"}
 FORMAT = "diffusion_jax.image_folder.v1"
 
 
@@ -78,16 +79,41 @@ class BadImageError(ValueError):
   """An image file that cannot be decoded (the message names it)."""
 
 
+def holdout_files(files: list[str], holdout: str) -> tuple[list[str], list[str]]:
+  """(train files, held-out files) for data.holdout: "" (none), a fraction in (0, 1)
+  (a fixed random choice, the same on every run), or a second image folder."""
+  if not holdout:
+    return files, []
+  try:
+    fraction = float(holdout)
+  except ValueError:
+    if not paths.isdir(holdout):
+      raise FileNotFoundError(f"data.holdout={holdout!r} is neither a fraction in (0, 1) nor "
+                              "an image folder.") from None
+    held = list_image_files(holdout)
+    if not held:
+      raise FileNotFoundError(f"No {'/'.join(EXTENSIONS)} files under data.holdout={holdout}.")
+    return files, held
+  count = round(len(files) * fraction)
+  if not 0 < fraction < 1 or not 0 < count < len(files):
+    raise ValueError(f"data.holdout={holdout!r} holds out {count} of {len(files)} images; "
+                     "give a fraction in (0, 1) that leaves both splits non-empty.")
+  chosen = set(np.random.default_rng(0).permutation(len(files))[:count].tolist())
+  return ([f for i, f in enumerate(files) if i not in chosen],
+          [f for i, f in enumerate(files) if i in chosen])
+
+
 def prepare_image_folder(image_dir: str, output_dir: str, image_size: int,
-                         skip_bad_files: bool = False, class_labels: bool = False) -> dict:
+                         skip_bad_files: bool = False, class_labels: bool = False,
+                         holdout: str = "") -> dict:
   """Writes the prepared dataset into `output_dir`; returns its summary (also saved).
 
-  A file that cannot be decoded raises BadImageError naming it, unless
-  `skip_bad_files`, in which case it is skipped and counted. Both folders may be
-  gs:// paths; a remote dataset is written locally first and then uploaded, and its
-  dataset.json, written last, marks it complete.
+  `holdout` ("" , a fraction such as "0.05", or a second image folder) also writes a
+  "test" split of images never trained on (see `holdout_files`). A file that cannot be
+  decoded raises BadImageError naming it, unless `skip_bad_files`, in which case it is
+  skipped and counted. Both folders may be gs:// paths; a remote dataset is written
+  locally first and then uploaded, and its dataset.json, written last, marks it complete.
   """
-  from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
   if not paths.isdir(image_dir):
     raise FileNotFoundError(f"data.image_dir={image_dir!r} is not a folder.")
   files = list_image_files(image_dir)
@@ -97,41 +123,60 @@ def prepare_image_folder(image_dir: str, output_dir: str, image_size: int,
   if paths.exists(out / METADATA):
     raise FileExistsError(f"{output_dir} already holds a prepared dataset; remove it or choose "
                           "another data.data_dir.")
+  train_files, test_files = holdout_files(files, holdout)
   paths.check_writable(out, "data.data_dir")
-  classes = sorted({os.path.basename(f).split("_")[0] for f in files}) if class_labels else []
+  everything = files + test_files
+  classes = (sorted({os.path.basename(f).split("_")[0] for f in everything})
+             if class_labels else [])
   class_index = {c: i for i, c in enumerate(classes)}
   staging = tempfile.mkdtemp(prefix="prepare_") if paths.is_remote(out) else os.fspath(out)
-  tmp_path = os.path.join(staging, RECORDS + ".tmp")
+  splits, skipped = {}, []
+  for split, split_files in (("train", train_files), ("test", test_files)):
+    if not split_files:
+      continue
+    written, bad = _write_records(split_files, os.path.join(staging, SPLIT_RECORDS[split]),
+                                  image_size, skip_bad_files, class_index, split)
+    splits[split] = written
+    skipped += bad
+  if paths.is_remote(out):
+    for split in splits:
+      _upload(os.path.join(staging, SPLIT_RECORDS[split]), out / SPLIT_RECORDS[split])
+    shutil.rmtree(staging)
+  summary = {"format": FORMAT, "source": os.fspath(paths.path(image_dir)),
+             "image_size": image_size, "num_records": splits["train"],
+             "num_skipped": len(skipped), "skipped": skipped, "classes": classes,
+             "splits": splits, "holdout": holdout}
+  paths.write_text(out / METADATA, json.dumps(summary, indent=1))
+  return summary
+
+
+def _write_records(files, path: str, image_size: int, skip_bad_files: bool, class_index,
+                   split: str) -> tuple[int, list[str]]:
+  """Writes `files` as PNG records to `path` (atomically); (records written, skipped)."""
+  from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+  tmp_path = path + ".tmp"
   writer = array_record_module.ArrayRecordWriter(tmp_path, "group_size:1")
   written, skipped = 0, []
   try:
-    for path in tqdm(files, desc="prepare", unit="img"):
+    for file in tqdm(files, desc=f"prepare {split}", unit="img"):
       try:
-        image = center_crop_arr(load_rgb(path), image_size)
+        image = center_crop_arr(load_rgb(file), image_size)
       except (OSError, ValueError, Image.DecompressionBombError) as e:
         if not skip_bad_files:
-          raise BadImageError(f"Cannot read image {path}: {e}. Fix or remove it, or set "
+          raise BadImageError(f"Cannot read image {file}: {e}. Fix or remove it, or set "
                               "config.data.skip_bad_files=True to skip unreadable files.") from None
-        skipped.append(path)
+        skipped.append(file)
         continue
-      label = class_index[os.path.basename(path).split("_")[0]] if class_labels else 0
+      label = class_index[os.path.basename(file).split("_")[0]] if class_index else 0
       writer.write(encode_record(image, label))
       written += 1
   finally:
     writer.close()
   if written == 0:
     os.remove(tmp_path)
-    raise BadImageError(f"None of the {len(files)} files under {image_dir} could be read.")
-  if paths.is_remote(out):
-    _upload(tmp_path, out / RECORDS)
-    shutil.rmtree(staging)
-  else:
-    os.replace(tmp_path, os.fspath(out / RECORDS))
-  summary = {"format": FORMAT, "source": os.fspath(paths.path(image_dir)),
-             "image_size": image_size, "num_records": written, "num_skipped": len(skipped),
-             "skipped": skipped, "classes": classes}
-  paths.write_text(out / METADATA, json.dumps(summary, indent=1))
-  return summary
+    raise BadImageError(f"None of the {len(files)} {split} files could be read.")
+  os.replace(tmp_path, path)
+  return written, skipped
 
 
 def _upload(local: str, remote) -> None:
@@ -147,7 +192,7 @@ def _upload(local: str, remote) -> None:
 class PreparedFolderSource:
   """Random access over a prepared folder dataset (records decoded on read)."""
 
-  def __init__(self, data_dir: str, image_size: int):
+  def __init__(self, data_dir: str, image_size: int, split: str = "train"):
     import grain  # pylint: disable=import-outside-toplevel
     folder = paths.path(data_dir)
     if not paths.exists(folder / METADATA):
@@ -158,8 +203,16 @@ class PreparedFolderSource:
     if self.metadata["image_size"] != image_size:
       raise ValueError(f"{data_dir} was prepared at {self.metadata['image_size']} px but "
                        f"data.image_size={image_size}; prepare it again at that size.")
+    available = self.metadata.get("splits", {"train": self.metadata["num_records"]})
+    if split not in available:
+      raise ValueError(
+          f"{data_dir} has no {split!r} split (it has {sorted(available)}). A folder "
+          "dataset gets a held-out 'test' split when prepared with --config.data.holdout "
+          "(a fraction such as 0.05, or a second image folder): prepare it again into a new "
+          "data_dir, or evaluate on training images with --config.eval.x0_split=train.")
     # ArrayRecord reads gs:// itself (its Google Cloud C++ client), record by record.
-    self._records = grain.sources.ArrayRecordDataSource([os.fspath(folder / RECORDS)])
+    self._records = grain.sources.ArrayRecordDataSource(
+        [os.fspath(folder / SPLIT_RECORDS[split])])
 
   def __len__(self):
     return len(self._records)
@@ -170,12 +223,13 @@ class PreparedFolderSource:
 
 def prepare(config) -> dict:
   """--mode=prepare: config.data.image_dir's images into the dataset at
-  config.data.data_dir, at config.data.image_size, with class labels from sub-folders
-  when config.model.class_cond. Returns prepare_image_folder's summary."""
+  config.data.data_dir, at config.data.image_size, with class labels (file-name prefixes)
+  when config.model.class_cond and a held-out "test" split per config.data.holdout.
+  Returns prepare_image_folder's summary."""
   data = config.data
   if not data.image_dir or not data.data_dir:
     raise ValueError("--mode=prepare needs --config.data.image_dir (the images) and "
                      "--config.data.data_dir (where the prepared dataset goes).")
   return prepare_image_folder(data.image_dir, data.data_dir, data.image_size,
                               skip_bad_files=data.skip_bad_files,
-                              class_labels=config.model.class_cond)
+                              class_labels=config.model.class_cond, holdout=data.holdout)

@@ -119,7 +119,8 @@ def get_source(data_config) -> ArraySource:
     return photo_patches.PhotoPatchSource(data_config.image_size,
                                           seed=0 if data_config.split == "train" else 1)
   if name == "folder":
-    return image_folder.PreparedFolderSource(data_config.data_dir, data_config.image_size)
+    return image_folder.PreparedFolderSource(data_config.data_dir, data_config.image_size,
+                                             data_config.split)
   if name.startswith("tfds:"):
     return TfdsSource(name[len("tfds:"):], data_config.split, data_config.data_dir,
                       data_config.image_size)

@@ -81,8 +81,10 @@ def _run_mode():
   elif FLAGS.mode == "prepare":
     from diffusion_jax import image_folder  # pylint: disable=import-outside-toplevel
     summary = image_folder.prepare(config)
+    held = summary["splits"].get("test")
     print(f"Prepared {summary['num_records']} images at {config.data.image_size}px into "
-          f"{config.data.data_dir}; skipped {summary['num_skipped']} unreadable file(s).")
+          f"{config.data.data_dir}" + (f" and {held} held out as split 'test'" if held else "")
+          + f"; skipped {summary['num_skipped']} unreadable file(s).")
   elif FLAGS.mode == "convert":
     if not FLAGS.checkpoint:
       raise app.UsageError("--mode=convert needs --checkpoint=PATH (.pt, .safetensors, .npz).")

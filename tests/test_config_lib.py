@@ -17,6 +17,7 @@ _FREE_FIELDS = {
     "data.seed": "any integer is a seed",
     "data.data_dir": "a path, read when the data loads",
     "data.image_dir": "a path, read by --mode=prepare",
+    "data.holdout": "a fraction or a folder, checked by --mode=prepare",
     "data.split": "dataset-dependent, checked when the data loads",
     "train.compilation_cache_dir": "a path, or 'none'",
     "eval.reference_npz": "a path, checked when evaluation starts",

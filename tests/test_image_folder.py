@@ -83,6 +83,38 @@ def test_prepare_mode_from_the_command_line(tmp_path):
   assert (out / "dataset.json").exists()
 
 
+@pytest.mark.parametrize("holdout", ["0.34", "folder"])
+def test_holdout_writes_a_test_split_the_model_never_trains_on(tmp_path, holdout):
+  src = _make_folder(tmp_path / "imgs", corrupt=False)
+  if holdout == "folder":
+    holdout = str(_make_folder(tmp_path / "held", corrupt=False))
+  summary = image_folder.prepare_image_folder(str(src), str(tmp_path / "out"), 32,
+                                              holdout=holdout)
+  config = tiny_config.get_config()
+  config.model.in_channels = 3
+  config.data.update(dataset="folder", data_dir=str(tmp_path / "out"))
+  train = input_pipeline.get_source(config.data)
+  config.data.split = "test"
+  test = input_pipeline.get_source(config.data)
+  want = (4, 2) if holdout == "0.34" else (6, 6)
+  assert (len(train), len(test)) == want == (summary["splits"]["train"],
+                                             summary["splits"]["test"])
+  if holdout == "0.34":  # a split of one folder: no image in both
+    train_px = {train[i]["image"].tobytes() for i in range(len(train))}
+    assert not any(test[i]["image"].tobytes() in train_px for i in range(len(test)))
+
+
+def test_a_folder_without_holdout_has_no_test_split_and_says_how_to_get_one(tmp_path):
+  src = _make_folder(tmp_path / "imgs", corrupt=False)
+  image_folder.prepare_image_folder(str(src), str(tmp_path / "out"), 32)
+  with pytest.raises(ValueError, match="no 'test' split.*--config.data.holdout"):
+    image_folder.PreparedFolderSource(str(tmp_path / "out"), 32, split="test")
+  for bad, message in (("1.5", "fraction in \\(0, 1\\)"), ("/nonexistent", "neither")):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+      image_folder.prepare_image_folder(str(src), str(tmp_path / f"o{len(bad)}"), 32,
+                                        holdout=bad)
+
+
 def test_unprepared_tfds_dataset_says_how_to_prepare_it(tmp_path):
   config = tiny_config.get_config()
   config.data.update(dataset="tfds:cifar10", data_dir=str(tmp_path))
