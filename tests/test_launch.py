@@ -104,3 +104,34 @@ def test_bench_table_pairs_rows_and_ratios(tmp_path):
   # The official row's TFLOP/s: our step's FLOPs at its speed (9 TFLOP × 50/8 per s).
   assert "| 56.2 | 0.125 |" in rows[1]
   assert "skipped official_paper256_bfloat16_b8" in table.stderr
+
+
+def test_gpu_compare_dry_run_is_a_valid_compare_command():
+  import ast  # pylint: disable=import-outside-toplevel
+  import shlex  # pylint: disable=import-outside-toplevel
+  from configs import quickstart  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import config_lib, evaluate  # pylint: disable=import-outside-toplevel
+  r = _run("gpu_compare.sh", "--dry-run", "--steps", "100")
+  assert r.returncode == 0, r.stderr
+  args = shlex.split(r.stdout)
+  assert args[:4] == ["python3", "-m", "diffusion_jax.main", "--mode=compare"]
+  assert "--config=configs/quickstart.py:photo_patches" in args
+  config = quickstart.get_config("photo_patches")
+  for arg in args:
+    if arg.startswith("--config."):
+      dotted, value = arg[len("--config."):].split("=", 1)
+      *parents, leaf = dotted.split(".")
+      node = config
+      for part in parents:
+        node = node[part]
+      try:
+        value = ast.literal_eval(value)
+      except (ValueError, SyntaxError):
+        pass
+      node[leaf] = value if not isinstance(value, tuple) else ",".join(map(str, value))
+  config_lib.validate_config(config, num_devices=1)
+  evaluate.validate_eval_config(config, compare_mode=True)
+  assert config.train.compute_dtype == "bfloat16" and config.train.num_steps == 100
+  assert config.compare.weightings == "constant,debias,debias+importance"
+  bad = _run("gpu_compare.sh", "--dataset", "cifar")
+  assert bad.returncode == 2 and "--dataset must be" in bad.stderr
