@@ -7,12 +7,23 @@ config.data.batch_size, and one DDIM sampler step on the same batch, each as the
 median of --runs calls after --warmup calls. FLOPs come from XLA's cost analysis of the
 step before partitioning (the same count on every backend);
 MFU is reported where the device's peak is known (GPUs and TPUs).
+
+  python -m diffusion_jax.bench --config=configs/bench_cpu_small.py --baseline
+
+runs this benchmark and the paper's official PyTorch step (../shared/baseline/
+run_ref_step.sh, case --baseline_case) alternately, --baseline_runs separate processes of
+each, and prints both medians and the ratio: the only kind of ratio the README reports.
+Pass flags as --name=value.
 """
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -34,6 +45,15 @@ flags.DEFINE_integer("runs", 10, "Timed calls per measurement (the median is rep
 flags.DEFINE_integer("warmup", 2, "Untimed calls before timing.")
 flags.DEFINE_integer("cpu_devices", -1, "CPU only: XLA devices the host is split into "
                      "(-1: one per core, dividing the batch; 1: a single device).")
+flags.DEFINE_bool("baseline", False, "Also time the official PyTorch step on the same case, "
+                  "alternating separate processes, and report both medians and the ratio.")
+flags.DEFINE_string("baseline_case", "small32", "The official runner's case: small32 "
+                    "(= configs/bench_cpu_small.py), paper64 or paper256.")
+flags.DEFINE_integer("baseline_runs", 3, "Processes of each side, alternating.")
+flags.DEFINE_string("baseline_cmd", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "..",
+    "shared", "baseline", "run_ref_step.sh"), "The official step's runner (prints one JSON "
+                    "line with images_per_s).")
 
 # Dense peak TFLOP/s per chip by compute dtype (vendor figures, no sparsity). On NVIDIA
 # GPUs XLA's default precision runs float32 convolutions and matmuls as TF32 on the tensor
@@ -135,9 +155,57 @@ def benchmark(config, runs: int = 10, warmup: int = 2) -> dict:
   return result
 
 
+def side_by_side(ours_cmd: list[str], baseline_cmd: list[str], runs: int) -> dict:
+  """Alternates `runs` processes of each command (ours first) and returns both sides'
+  train images/s per run, their medians and the ratio ours ÷ official.
+
+  ours_cmd must accept `--json=FILE` (diffusion_jax.bench); baseline_cmd prints a JSON
+  line with "images_per_s" last (../shared/baseline/run_ref_step.sh).
+  """
+  ours, theirs = [], []
+  with tempfile.TemporaryDirectory() as tmp:
+    for i in range(runs):
+      out = os.path.join(tmp, f"ours_{i}.json")
+      done = subprocess.run(ours_cmd + [f"--json={out}"], capture_output=True, text=True)
+      if done.returncode:
+        raise RuntimeError(f"{' '.join(ours_cmd)} failed:\n{done.stderr[-2000:]}")
+      with open(out, encoding="utf-8") as f:
+        ours.append(json.load(f)["train_images_per_s"])
+      done = subprocess.run(baseline_cmd, capture_output=True, text=True)
+      if done.returncode:
+        raise RuntimeError(f"{' '.join(baseline_cmd)} failed:\n{done.stderr[-2000:]}")
+      theirs.append(json.loads(done.stdout.strip().splitlines()[-1])["images_per_s"])
+  a, b = statistics.median(ours), statistics.median(theirs)
+  return {"ours_images_per_s": ours, "official_images_per_s": theirs,
+          "ours_median": a, "official_median": b, "ratio": a / b, "runs": runs}
+
+
+def _side_by_side_main(argv) -> None:
+  if not os.path.exists(FLAGS.baseline_cmd):
+    raise app.UsageError(f"--baseline_cmd={FLAGS.baseline_cmd} does not exist; point it at "
+                         "the official code's runner (../shared/baseline/run_ref_step.sh).")
+  dropped = ("--baseline", "--json")
+  own = [a for a in argv[1:] if not a.startswith(dropped) and a != "--nobaseline"]
+  ours_cmd = [sys.executable, "-m", "diffusion_jax.bench"] + own
+  result = side_by_side(ours_cmd, [FLAGS.baseline_cmd, FLAGS.baseline_case], FLAGS.baseline_runs)
+  result["case"] = FLAGS.baseline_case
+  print(f"side by side, alternating {result['runs']} processes each, on this machine:\n"
+        f"  diffusion_jax  {result['ours_median']:.2f} train images/s  "
+        f"(runs {', '.join(f'{v:.2f}' for v in result['ours_images_per_s'])})\n"
+        f"  official       {result['official_median']:.2f} train images/s  "
+        f"(runs {', '.join(f'{v:.2f}' for v in result['official_images_per_s'])})\n"
+        f"  ratio          {result['ratio']:.2f}×  (diffusion_jax ÷ official, medians)")
+  if FLAGS.json:
+    from diffusion_jax import paths  # pylint: disable=import-outside-toplevel
+    paths.write_text(FLAGS.json, json.dumps(result, indent=1))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if FLAGS.baseline:
+    _side_by_side_main(sys.argv)
+    return
   distributed.split_host_cpu(FLAGS.cpu_devices if FLAGS.cpu_devices != -1 else
                              distributed.cpu_device_count([FLAGS.config.data.batch_size]))
   result = benchmark(FLAGS.config, FLAGS.runs, FLAGS.warmup)

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from diffusion_jax import bench
 from tests import tiny_config
 
@@ -23,3 +25,26 @@ def test_bench_cli_writes_json(tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   assert "train_images_per_s" in r.stdout
   assert json.loads(out.read_text())["batch_size"] == 8
+
+
+def test_side_by_side_alternates_processes_and_takes_medians(tmp_path):
+  log = tmp_path / "order.txt"
+  ours = [sys.executable, "-c", (
+      "import json, sys\n"
+      f"open({str(log)!r}, 'a').write('ours\\n')\n"
+      f"n = sum(1 for line in open({str(log)!r}) if line.startswith('ours'))\n"
+      "out = [a for a in sys.argv if a.startswith('--json=')][0][7:]\n"
+      "json.dump({'train_images_per_s': [0, 10.0, 50.0, 20.0, 5.0][n]}, open(out, 'w'))")]
+  official = [sys.executable, "-c", (
+      "import json\n"
+      f"open({str(log)!r}, 'a').write('official\\n')\n"
+      "print('building...')\n"
+      "print(json.dumps({'images_per_s': 10.0}))")]
+  result = bench.side_by_side(ours, official, runs=3)
+  assert log.read_text().split() == ["ours", "official"] * 3
+  assert result["ours_images_per_s"] == [10.0, 50.0, 20.0]
+  assert result["ours_median"] == 20.0 and result["official_median"] == 10.0
+  assert result["ratio"] == 2.0
+  broken = [sys.executable, "-c", "import sys; sys.exit('no torch here')"]
+  with pytest.raises(RuntimeError, match="no torch here"):
+    bench.side_by_side(ours, broken, runs=1)
