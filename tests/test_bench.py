@@ -17,6 +17,7 @@ def test_benchmark_reports_every_key():
   assert result["device"].endswith("cpu") or "cpu" in result["device"].lower()
 
 
+@pytest.mark.slow  # a subprocess that compiles the step (~30 s)
 def test_bench_cli_writes_json(tmp_path):
   out = tmp_path / "b.json"
   r = subprocess.run([sys.executable, "-m", "diffusion_jax.bench", "--config=tests/tiny_config.py",

@@ -229,6 +229,7 @@ def test_nan_guard(tmp_path, monkeypatch, caplog):
 
 # ---------- multi-device and process-level behaviour (subprocesses) ----------
 
+@pytest.mark.slow  # two compiles in a subprocess with 8 devices (~40 s)
 def test_eight_devices_equal_one_device():
   script = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np

@@ -16,6 +16,7 @@ FORMULAS = {
     "truncated_snr": lambda s: np.where(s > 1, 1.0, 1 / s),
     "edm": lambda s: (1 / s + 0.25) / 0.25,
     "sigmoid": lambda s: 1 / (1 + np.exp(np.log(s))),
+    "learned": lambda s: s ** -0.5,  # its fixed part w₀: the base weighting, debias
 }
 
 
