@@ -50,9 +50,9 @@ flags.DEFINE_bool("baseline", False, "Also time the official PyTorch step on the
 flags.DEFINE_string("baseline_case", "small32", "The official runner's case: small32 "
                     "(= configs/bench_cpu_small.py), paper64 or paper256.")
 flags.DEFINE_integer("baseline_runs", 3, "Processes of each side, alternating.")
-flags.DEFINE_string("baseline_cmd", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "..",
-    "shared", "baseline", "run_ref_step.sh"), "The official step's runner (prints one JSON "
+flags.DEFINE_string("baseline_cmd", os.path.normpath(os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "baseline",
+    "run_ref_step.sh")), "The official step's runner beside the checkout (prints one JSON "
                     "line with images_per_s).")
 
 # Dense peak TFLOP/s per chip by compute dtype (vendor figures, no sparsity). On NVIDIA

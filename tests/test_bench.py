@@ -1,5 +1,6 @@
 """The benchmark runs on a tiny config and reports every key."""
 import json
+import os
 import subprocess
 import sys
 
@@ -49,3 +50,9 @@ def test_side_by_side_alternates_processes_and_takes_medians(tmp_path):
   broken = [sys.executable, "-c", "import sys; sys.exit('no torch here')"]
   with pytest.raises(RuntimeError, match="no torch here"):
     bench.side_by_side(ours, broken, runs=1)
+
+
+def test_the_default_baseline_runner_is_the_checkout_beside_the_repository():
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  want = os.path.normpath(os.path.join(repo, "..", "shared", "baseline", "run_ref_step.sh"))
+  assert bench.FLAGS["baseline_cmd"].default == want
