@@ -15,7 +15,7 @@ def kill_after_first_checkpoint(cmd, workdir, env, cwd, max_delay_s: float) -> l
   deadline = time.time() + 300
   while time.time() < deadline and not (ckpt.exists() and any(
       p.name.isdigit() for p in ckpt.iterdir())):
-    time.sleep(0.05)
+    time.sleep(0.01)
   time.sleep(random.uniform(0.0, max_delay_s))
   proc.send_signal(signal.SIGKILL)
   proc.wait()
