@@ -4,7 +4,9 @@
 
 Times the compiled train step (forward, backward, AdamW, EMA) on a synthetic batch of
 config.data.batch_size, and one DDIM sampler step on the same batch, each as the
-median of --runs calls after --warmup calls. FLOPs come from XLA's cost analysis of the
+median of --runs calls after --warmup calls. state_bytes_per_device is the train state
+one device holds (it shrinks with train.fsdp); peak_device_memory_gb is the backend's
+own peak where it reports one (GPUs, TPUs). FLOPs come from XLA's cost analysis of the
 step before partitioning (the same count on every backend);
 MFU is reported where the device's peak is known (GPUs and TPUs).
 
@@ -93,6 +95,7 @@ def benchmark(config, runs: int = 10, warmup: int = 2) -> dict:
   model, diffusion = components.model, components.diffusion
   mesh = train.make_mesh(config)
   state, shardings = train.create_train_state(components, settings, mesh)
+  state_bytes = train.state_bytes_per_device(state, shardings)
   m, bsz = config.model, config.data.batch_size
   rng = np.random.default_rng(0)
   batch_sharding = train.batch_sharding(mesh)
@@ -139,6 +142,8 @@ def benchmark(config, runs: int = 10, warmup: int = 2) -> dict:
       "device": f"{jax.device_count()}× {device.device_kind}",
       "batch_size": bsz,
       "compute_dtype": config.train.compute_dtype,
+      "fsdp": config.train.fsdp,
+      "state_bytes_per_device": state_bytes,
       "compile_s": compile_s,
       "train_step_s": train_s,
       "train_images_per_s": bsz / train_s,

@@ -1,10 +1,12 @@
 """Training: the TrainState, the pure data-parallel step, and `train_and_sample`.
 
 Parallelism is `jax.jit` over a Mesh with axes ('data', 'fsdp'): the global batch is
-sharded over both, the train state is replicated (the 'fsdp' axis is where parameter
-sharding plugs in; its size is train.fsdp, 1 by default). Multi-host runs build the
-global batch with `jax.make_array_from_process_local_data`, so the same code runs on
-one CPU, a GPU box or a TPU pod slice.
+sharded over both. With train.fsdp=N (the 'fsdp' axis' size) the params, every EMA copy
+and the optimizer state are sharded N ways by `state_sharding`, and XLA gathers the
+weights inside the step and reduce-scatters the gradients; with N=1 (the default) the
+state is replicated. Multi-host runs build the global batch with
+`jax.make_array_from_process_local_data`, so the same code runs on one CPU, a GPU box
+or a TPU pod slice.
 """
 from __future__ import annotations
 
@@ -66,9 +68,44 @@ def make_mesh(config, devices=None) -> Mesh:
   return Mesh(devices.reshape(-1, config.train.fsdp), ("data", "fsdp"))
 
 
+# Leaves smaller than this stay replicated under fsdp: biases and norm scales are a
+# negligible share of the bytes, and gathering them would cost a collective each.
+FSDP_MIN_ELEMENTS = 2**12
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
+  """The PartitionSpec of one leaf: the 'fsdp' axis on its largest dimension divisible
+  by `fsdp` (the first such on ties), or replicated (P()) when fsdp is 1, the leaf has
+  fewer than FSDP_MIN_ELEMENTS elements or no dimension divides."""
+  if fsdp == 1 or int(np.prod(shape)) < FSDP_MIN_ELEMENTS:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp == 0:
+      return P(*[("fsdp" if d == dim else None) for d in range(len(shape))])
+  return P()
+
+
 def state_sharding(mesh: Mesh, state) -> Any:
-  """Replicated state (every leaf P()); the hook for FSDP parameter rules."""
-  return jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()), state)
+  """NamedShardings for `state` (a TrainState of arrays or ShapeDtypeStructs): params,
+  ema_params and opt_state by `fsdp_spec` over the mesh's 'fsdp' axis; the step, RNG and
+  sampler state replicated."""
+  fsdp = mesh.shape["fsdp"]
+  shard = lambda tree: jax.tree_util.tree_map(
+      lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp)), tree)
+  replicate = lambda tree: jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()), tree)
+  return state.replace(
+      step=replicate(state.step), params=shard(state.params),
+      ema_params=shard(state.ema_params), opt_state=shard(state.opt_state),
+      rng=replicate(state.rng), sampler_state=replicate(state.sampler_state),
+      nonfinite_steps=replicate(state.nonfinite_steps))
+
+
+def state_bytes_per_device(state, shardings) -> int:
+  """Bytes of `state` that one device holds under `shardings` (the largest per device)."""
+  per_leaf = jax.tree_util.tree_map(
+      lambda x, s: int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize,
+      state, shardings)
+  return int(sum(jax.tree_util.tree_leaves(per_leaf)))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -13,7 +13,7 @@ from tests import tiny_config
 def test_benchmark_reports_every_key():
   result = bench.benchmark(tiny_config.get_config(), runs=2, warmup=1)
   for key in ("train_images_per_s", "sample_image_steps_per_s", "compile_s",
-              "peak_host_memory_gb", "train_tflops_per_s"):
+              "peak_host_memory_gb", "train_tflops_per_s", "state_bytes_per_device"):
     assert result[key] > 0, key
   assert result["device"].endswith("cpu") or "cpu" in result["device"].lower()
 
