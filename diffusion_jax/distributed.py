@@ -16,6 +16,11 @@ def initialize() -> None:
   used; with DIFFUSION_JAX_DISTRIBUTED=1 (set by launch/), JAX's cluster detection
   (Cloud TPU pod slices, SLURM) supplies them; otherwise the run is single-process.
   """
+  if all(os.environ.get(k) for k in _EXPLICIT) or os.environ.get(
+      "DIFFUSION_JAX_DISTRIBUTED") == "1":
+    # CPU-only jobs (tests, debugging) need a collectives backend across processes;
+    # GPU and TPU backends ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if all(os.environ.get(k) for k in _EXPLICIT):
     jax.distributed.initialize(
         coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],

@@ -69,7 +69,8 @@ def _run_mode():
   elif FLAGS.mode == "sample":
     from diffusion_jax import run  # pylint: disable=import-outside-toplevel
     out = run.sample_from_workdir(config, FLAGS.workdir)
-    print(f"Wrote {len(out['images'])} samples:\n  " + "\n  ".join(out["files"]))
+    if out["written"]:
+      print(f"Wrote {len(out['images'])} samples:\n  " + "\n  ".join(out["files"]))
   elif FLAGS.mode == "evaluate":
     from diffusion_jax import evaluate  # pylint: disable=import-outside-toplevel
     report = evaluate.evaluate_workdir(config, FLAGS.workdir)

@@ -118,7 +118,10 @@ def sample(diffusion: GaussianDiffusion, model_fn, shape, key, sampler: str = "d
 
 def generate(model, diffusion, params, sample_config, out_dir: str, *, class_cond: bool,
              num_classes: int, image_shape, mesh=None, write: bool = True) -> dict:
-  """Generates sample_config.num_samples images in batches, sharded over `mesh`.
+  """Generates sample_config.num_samples images in batches, sharded over `mesh` (default:
+  every device of every process, so each host of a multi-host job computes its share of
+  each batch; every process returns all the images, and only those given write=True
+  write files).
 
   The batch b draws its noise from fold_in(PRNGKey(seed), b), so the samples do not
   depend on the device count. Writes into `out_dir`: samples_grid.png (the first 64),
@@ -152,12 +155,23 @@ def generate(model, diffusion, params, sample_config, out_dir: str, *, class_con
     x = jax.lax.with_sharding_constraint(x, out_sharding)
     return jnp.clip(jnp.round((x + 1) * 127.5), 0, 255).astype(jnp.uint8)
 
-  params = jax.device_put(params, replicated)
+  def replicate(x):
+    # Host values become global replicated arrays, so that every process of a
+    # multi-host job holds the same params without a cross-host transfer; arrays that
+    # are already global (a multi-host train state) are used as they are.
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return x
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, replicated, lambda index: x[index])
+
+  params = jax.tree_util.tree_map(replicate, params)
   base = jax.random.PRNGKey(sample_config.seed)
   images, labels = [], []
-  for b in tqdm(range(-(-total // bsz)), desc=f"sample ({sample_config.sampler})", unit="batch"):
+  for b in tqdm(range(-(-total // bsz)), desc=f"sample ({sample_config.sampler})", unit="batch",
+                disable=jax.process_index() != 0):
     y = (np.arange(b * bsz, (b + 1) * bsz) % num_classes).astype(np.int32)
-    images.append(np.asarray(run(params, jax.random.fold_in(base, b), jnp.asarray(y))))
+    key = np.asarray(jax.random.fold_in(base, b))
+    images.append(np.asarray(run(params, key, y)))
     labels.append(y)
   images = np.concatenate(images)[:total]
   labels = np.concatenate(labels)[:total] if class_cond else None

@@ -77,3 +77,32 @@ def test_split_host_cpu_respects_explicit_xla_flags(monkeypatch):
   with pytest.raises(ValueError, match="cpu_devices=0"):
     monkeypatch.setenv("XLA_FLAGS", "")
     distributed.split_host_cpu(0)
+
+
+@pytest.mark.slow  # a tiny training, then 1-process and 2-process sampling (~1.5 min)
+def test_two_process_sampling_writes_the_same_samples_as_one_process(tmp_path):
+  cli = [sys.executable, "-m", "diffusion_jax.main", "--config=tests/tiny_config.py",
+         f"--workdir={tmp_path}"]
+  trained = subprocess.run(cli + ["--config.train.num_steps=2", "--config.train.sample_every=0"],
+                           env=_env(1), cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  sample = cli + ["--mode=sample", "--config.sample.sampler=ddpm",
+                  "--config.sample.num_samples=16", "--config.sample.batch_size=8"]
+  out = tmp_path / "samples" / "ddpm_3" / "samples.npz"
+  single = subprocess.run(sample, env=_env(8), cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+  assert single.returncode == 0, single.stderr[-3000:]
+  one = np.load(out)["arr_0"]
+  out.unlink()
+  port = str(_free_port())
+  procs = [subprocess.Popen(sample, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(_env(4), JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                                                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
+           for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "Wrote 16 samples" in outs[0][0] and "Wrote" not in outs[1][0]
+  two = np.load(out)["arr_0"]
+  assert one.shape == (16, 32, 32, 1)
+  np.testing.assert_array_equal(one, two)
