@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 from absl import logging
 
 _EXPLICIT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
@@ -57,3 +58,18 @@ def split_host_cpu(count: int) -> int:
     raise ValueError(f"--cpu_devices={count}: must be ≥ 1 (or -1 for automatic).")
   os.environ["XLA_FLAGS"] = f"{flags} {_HOST_DEVICE_FLAG}={count}".strip()
   return count
+
+
+def host_to_global(x, sharding: jax.sharding.Sharding) -> jax.Array:
+  """A global array of `sharding` from a host value that every process holds whole (the
+  same params, the same batch): each process places only its own devices' slices, so no
+  value crosses between hosts. In one process this is a device_put."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def barrier(name: str) -> None:
+  """Waits until every process of a multi-host job reaches `name` (no-op in one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)

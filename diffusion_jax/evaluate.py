@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from diffusion_jax import checkpoints
 from diffusion_jax import config_lib
+from diffusion_jax import distributed
 from diffusion_jax import input_pipeline
 from diffusion_jax import learned_weighting
 from diffusion_jax import models
@@ -44,9 +45,6 @@ _ints, _names = config_lib.int_list, config_lib.name_list
 
 def validate_eval_config(config, compare_mode: bool = False) -> None:
   """Raises ValueError naming the first bad config.eval / config.compare field."""
-  if jax.process_count() > 1:
-    raise ValueError("Evaluation runs in one process (it uses every local device); start "
-                     "it without the multi-host launcher, on one host of the workdir.")
   config_lib.validate_eval_fields(config)
   e = config.eval
   if e.reference_npz and not paths.exists(e.reference_npz):
@@ -109,21 +107,25 @@ def _reference_cache_path(config, cache_dir) -> str:
                    f"{e.num_reference}_seed{e.seed}.npz")
 
 
-def reference_statistics(config, inception, cache_dir: str) -> dict:
-  """config.eval.reference_npz if set, else training-data statistics cached in cache_dir."""
+def reference_statistics(config, inception, cache_dir: str, *, cached: bool | None = None,
+                         write: bool = True) -> dict:
+  """config.eval.reference_npz if set, else training-data statistics cached in cache_dir.
+  cached: whether to load the cache (None: if it exists); write: whether to write it
+  after computing (see recognisability.classifier_for)."""
   e, d = config.eval, config.data
   if e.reference_npz:  # checked here, before any analysis runs
     reference = metrics.load_reference(e.reference_npz, inception)
     metrics.check_reference_dim(reference, inception_lib.POOL_DIM, e.reference_npz)
     return reference
   path = _reference_cache_path(config, cache_dir)
-  if paths.exists(path):
+  if paths.exists(path) if cached is None else cached:
     return metrics.load_reference(path)
   tqdm.write(f"Reference statistics: {e.num_reference} {d.dataset} images → {path}")
   images, _ = data_images(d, e.num_reference, e.seed)
   ref = metrics.reference_from_features(inception.features_uint8(images),
                                         f"{d.dataset} {d.split} ({e.num_reference} images)")
-  metrics.save_reference(ref, path)
+  if write:
+    metrics.save_reference(ref, path)
   return ref
 
 
@@ -162,11 +164,12 @@ class _Points:
   a rerun reuses every piece whose settings (run, checkpoint step, counts, seeds,
   reference) are unchanged."""
 
-  def __init__(self, out_dir):
+  def __init__(self, out_dir, write: bool = True):
     self.file = paths.path(out_dir) / "points.json"
     self.array_dir = paths.path(out_dir) / "points"
     self.entries = json.loads(paths.read_text(self.file)) if paths.exists(self.file) else {}
     self.reused: list[str] = []
+    self.write = write
 
   @staticmethod
   def _normal(obj):
@@ -186,9 +189,11 @@ class _Points:
     entry = {"settings": self._normal(settings), "value": self._normal(value)}
     if arrays:
       entry["arrays"] = name.replace("/", "_") + ".npz"
-      paths.save_npz(self.array_dir / entry["arrays"], **arrays)
+      if self.write:
+        paths.save_npz(self.array_dir / entry["arrays"], **arrays)
     self.entries[name] = entry
-    analysis.write_json(self.entries, self.file)
+    if self.write:
+      analysis.write_json(self.entries, self.file)
     return entry["value"]
 
 
@@ -284,21 +289,39 @@ def evaluate_runs(runs: list[run_lib.Run], config, out_dir: str, cache_dir: str)
   Each finished piece (x0 errors, colour shift, FID point, training-curve point) is
   saved at once in out_dir/points.json and its plot redrawn, and evaluation.json is
   rewritten (with "complete": false until the end); a rerun reuses saved pieces.
+
+  In a multi-host job every process runs this with the same arguments: each samples
+  and computes Inception features for its devices' share of every batch, and process 0
+  alone writes files. All processes read the saved pieces and caches before any writes.
   """
+  from diffusion_jax.evaluation import recognisability  # pylint: disable=import-outside-toplevel
   config = config_lib.with_eval_preset(config)
   e = config.eval
-  out = paths.makedirs(out_dir)
-  points = _Points(out_dir)
+  primary = jax.process_index() == 0
+  out = paths.path(out_dir)
+  points = _Points(out_dir, write=primary)
+  classifier_cached = e.classifier and paths.exists(
+      recognisability.cache_path(runs[0].config.data, cache_dir))
+  reference_cached = bool(e.reference_npz) or paths.exists(
+      _reference_cache_path(config, cache_dir))
+  distributed.barrier("evaluation: saved pieces and caches read")
+  if primary:
+    paths.makedirs(out_dir)
+
+  def written(path, draw):
+    """The path of a file that process 0 writes with draw()."""
+    return draw() if primary else os.fspath(path)
+
   inception = inception_lib.FIDInception.load(e.inception_path or None)
   classifier = None
   if e.classifier:
-    from diffusion_jax.evaluation import recognisability  # pylint: disable=import-outside-toplevel
-    classifier = recognisability.classifier_for(runs[0].config.data,
-                                                runs[0].config.model.num_classes, cache_dir)
-  plan = _work_plan(runs, config, cached_reference=bool(e.reference_npz) or paths.exists(
-      _reference_cache_path(config, cache_dir)))
+    classifier = recognisability.classifier_for(
+        runs[0].config.data, runs[0].config.model.num_classes, cache_dir,
+        cached=classifier_cached, write=primary)
+  plan = _work_plan(runs, config, cached_reference=reference_cached)
   progress = _Progress(plan, *_unit_costs(runs[0], inception, config))
-  reference = reference_statistics(config, inception, cache_dir)
+  reference = reference_statistics(config, inception, cache_dir, cached=reference_cached,
+                                   write=primary)
   if "reference" in plan:
     progress.done("reference")
   report = {"complete": False,
@@ -315,7 +338,8 @@ def evaluate_runs(runs: list[run_lib.Run], config, out_dir: str, cache_dir: str)
             "seed": e.seed, **solver_settings, **more}
 
   def save_report():
-    analysis.write_json(report, out / "evaluation.json")
+    if primary:
+      analysis.write_json(report, out / "evaluation.json")
 
   def piece(name, run_settings, compute):
     """The value of piece `name`: reused when saved with equal settings, else computed
@@ -333,8 +357,9 @@ def evaluate_runs(runs: list[run_lib.Run], config, out_dir: str, cache_dir: str)
   learned = {r.label: learned_weight_curve(r) for r in runs if r.weight_params is not None}
   if learned:
     report["learned_weight"] = learned
-    report["files"]["learned_weight"] = analysis.plot_weight_curves(
-        learned, runs[0].diffusion, out / "learned_weight.png")
+    report["files"]["learned_weight"] = written(
+        out / "learned_weight.png", lambda: analysis.plot_weight_curves(
+            learned, runs[0].diffusion, out / "learned_weight.png"))
     save_report()
 
   tqdm.write(f"x0 error per timestep on {e.x0_num_examples} held-out images ({e.x0_split})")
@@ -354,7 +379,8 @@ def evaluate_runs(runs: list[run_lib.Run], config, out_dir: str, cache_dir: str)
       r, n=e.x0_num_examples, split=e.x0_split, buckets=e.x0_buckets),
                        lambda r=r: x0_error(r))[0] for r in runs}
   report["x0_error"] = x0
-  report["files"]["x0_error"] = analysis.plot_x0_error(x0, out / "x0_error.png")
+  report["files"]["x0_error"] = written(
+      out / "x0_error.png", lambda: analysis.plot_x0_error(x0, out / "x0_error.png"))
   save_report()
 
   tqdm.write(f"Colour shift: {e.colour_num_samples} {e.colour_sampler} samples per step count")
@@ -375,10 +401,12 @@ def evaluate_runs(runs: list[run_lib.Run], config, out_dir: str, cache_dir: str)
     tables[r.label] = {**table, "steps": _int_keys(table["steps"])}
     strips[r.label] = _int_keys(strip)
   report["colour_shift"] = {"sampler": e.colour_sampler, "tables": tables}
-  report["files"]["colour_strip"] = analysis.plot_colour_strip(
-      strips, out / "colour_strip.png")
-  report["files"]["colour_stats"] = analysis.plot_colour_stats(
-      tables, out / "colour_stats.png")
+  report["files"]["colour_strip"] = written(
+      out / "colour_strip.png", lambda: analysis.plot_colour_strip(
+          strips, out / "colour_strip.png"))
+  report["files"]["colour_stats"] = written(
+      out / "colour_stats.png", lambda: analysis.plot_colour_stats(
+          tables, out / "colour_stats.png"))
   save_report()
 
   tqdm.write(f"FID against sampling steps: {e.num_samples} samples per point")
@@ -404,8 +432,9 @@ def evaluate_runs(runs: list[run_lib.Run], config, out_dir: str, cache_dir: str)
                    + (f", recognisable {value['recognisable']['confident_fraction']:.2f}"
                       if "recognisable" in value else ""))
         report["fid_vs_steps"] = fid
-        report["files"]["fid_vs_steps"] = analysis.plot_fid_vs_steps(
-            fid, out / "fid_vs_steps.png")
+        report["files"]["fid_vs_steps"] = written(
+            out / "fid_vs_steps.png", lambda: analysis.plot_fid_vs_steps(
+                fid, out / "fid_vs_steps.png"))
         save_report()
 
   if e.train_curve:
@@ -423,8 +452,9 @@ def evaluate_runs(runs: list[run_lib.Run], config, out_dir: str, cache_dir: str)
              "train_step": step}, curve_point)
         report["fid_vs_train_step"] = {"sampler": sampler, "steps": e.train_curve_steps,
                                        "curve": curve}
-        report["files"]["fid_vs_train_step"] = analysis.plot_fid_vs_train_step(
-            curve, out / "fid_vs_train_step.png", f"{sampler}-{e.train_curve_steps}")
+        report["files"]["fid_vs_train_step"] = written(
+            out / "fid_vs_train_step.png", lambda: analysis.plot_fid_vs_train_step(
+                curve, out / "fid_vs_train_step.png", f"{sampler}-{e.train_curve_steps}"))
         save_report()
   report["complete"] = True
   report["reused_pieces"] = points.reused
@@ -588,6 +618,8 @@ def compare(config, workdir: str) -> dict:
   runs = [run_lib.open_run(_join(workdir, "runs", n), n, config.eval.ema_rate) for n in names]
   report = evaluate_runs(runs, config, _join(workdir, "compare"), workdir)
   report["training"] = {n: training_statistics(_join(workdir, "runs", n)) for n in names}
-  report["files"]["report"] = write_report(report, config, _join(workdir, "report.md"))
-  analysis.write_json(report, _join(workdir, "report.json"))
+  report["files"]["report"] = _join(workdir, "report.md")
+  if jax.process_index() == 0:
+    write_report(report, config, report["files"]["report"])
+    analysis.write_json(report, _join(workdir, "report.json"))
   return report

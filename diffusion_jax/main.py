@@ -69,16 +69,18 @@ def _run_mode():
   elif FLAGS.mode == "sample":
     from diffusion_jax import run  # pylint: disable=import-outside-toplevel
     out = run.sample_from_workdir(config, FLAGS.workdir)
-    if out["written"]:
+    if _is_primary():
       print(f"Wrote {len(out['images'])} samples:\n  " + "\n  ".join(out["files"]))
   elif FLAGS.mode == "evaluate":
     from diffusion_jax import evaluate  # pylint: disable=import-outside-toplevel
     report = evaluate.evaluate_workdir(config, FLAGS.workdir)
-    print("Wrote:\n  " + "\n  ".join(report["files"].values()))
+    if _is_primary():
+      print("Wrote:\n  " + "\n  ".join(report["files"].values()))
   elif FLAGS.mode == "compare":
     from diffusion_jax import evaluate  # pylint: disable=import-outside-toplevel
     report = evaluate.compare(config, FLAGS.workdir)
-    print(f"Wrote {report['files']['report']} (plots and report.json beside it)")
+    if _is_primary():
+      print(f"Wrote {report['files']['report']} (plots and report.json beside it)")
   elif FLAGS.mode == "prepare":
     from diffusion_jax import image_folder  # pylint: disable=import-outside-toplevel
     summary = image_folder.prepare(config)
@@ -91,6 +93,12 @@ def _run_mode():
       raise app.UsageError("--mode=convert needs --checkpoint=PATH (.pt, .safetensors, .npz).")
     from diffusion_jax import convert  # pylint: disable=import-outside-toplevel
     convert.convert_checkpoint(FLAGS.checkpoint, config, FLAGS.workdir)
+
+
+def _is_primary() -> bool:
+  """Whether this is process 0, the one that writes and reports, of a multi-host job."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.process_index() == 0
 
 
 def _unknown_config_field(argv) -> str | None:

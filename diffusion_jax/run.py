@@ -84,8 +84,8 @@ def sample_from_workdir(config, workdir: str) -> dict:
 
   Uses the EMA whose rate is config.sample.ema_rate (-1: the first). Writes into
   WORKDIR/samples/<sampler>_<steps>/ (see `samplers.generate`) and returns generate's
-  result with "dir", "files" (the paths written) and "written" (whether this process
-  wrote them: in a multi-host job every process samples its share and process 0 writes).
+  result with "dir" and "files" (the paths written; in a multi-host job every process
+  samples its share of each batch and process 0 writes).
   """
   saved = checkpoints.saved_config_matching(workdir, config)
   state = load_checkpoint(workdir)
@@ -98,7 +98,6 @@ def sample_from_workdir(config, workdir: str) -> dict:
       class_cond=m.class_cond, num_classes=m.num_classes,
       image_shape=(m.image_size, m.image_size, m.in_channels),
       write=jax.process_index() == 0)
-  result["written"] = jax.process_index() == 0
   result["dir"] = out_dir
   result["files"] = [os.fspath(paths.path(out_dir) / "samples_grid.png")] + (
       [os.fspath(paths.path(out_dir) / "samples.npz")] if s.save_npz else []) + (

@@ -132,6 +132,7 @@ def generate(model, diffusion, params, sample_config, out_dir: str, *, class_con
   import numpy as np  # pylint: disable=import-outside-toplevel
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import distributed  # pylint: disable=import-outside-toplevel
   from diffusion_jax import paths  # pylint: disable=import-outside-toplevel
   from diffusion_jax import reporting  # pylint: disable=import-outside-toplevel
 
@@ -155,16 +156,10 @@ def generate(model, diffusion, params, sample_config, out_dir: str, *, class_con
     x = jax.lax.with_sharding_constraint(x, out_sharding)
     return jnp.clip(jnp.round((x + 1) * 127.5), 0, 255).astype(jnp.uint8)
 
-  def replicate(x):
-    # Host values become global replicated arrays, so that every process of a
-    # multi-host job holds the same params without a cross-host transfer; arrays that
-    # are already global (a multi-host train state) are used as they are.
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      return x
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, replicated, lambda index: x[index])
-
-  params = jax.tree_util.tree_map(replicate, params)
+  # Arrays that are already global (a multi-host train state) are used as they are.
+  params = jax.tree_util.tree_map(
+      lambda x: x if isinstance(x, jax.Array) and not x.is_fully_addressable
+      else distributed.host_to_global(x, replicated), params)
   base = jax.random.PRNGKey(sample_config.seed)
   images, labels = [], []
   for b in tqdm(range(-(-total // bsz)), desc=f"sample ({sample_config.sampler})", unit="batch",

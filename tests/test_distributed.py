@@ -106,3 +106,47 @@ def test_two_process_sampling_writes_the_same_samples_as_one_process(tmp_path):
   two = np.load(out)["arr_0"]
   assert one.shape == (16, 32, 32, 1)
   np.testing.assert_array_equal(one, two)
+
+
+@pytest.mark.slow  # a tiny training, then 1-process and 2-process evaluation (~3 min)
+def test_two_process_evaluation_gives_the_fid_of_one_process_and_only_process_0_writes(
+    tmp_path):
+  import json  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  base = [sys.executable, "-m", "diffusion_jax.main", "--config=tests/tiny_config.py"]
+  trained = subprocess.run(base + [f"--workdir={tmp_path / 'one'}", "--config.train.num_steps=2",
+                                   "--config.train.sample_every=0"],
+                           env=_env(1), cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  shutil.copytree(tmp_path / "one", tmp_path / "two")  # no cached reference in either
+  evaluate = ["--mode=evaluate", "--config.eval.num_samples=8", "--config.eval.num_reference=16",
+              "--config.eval.batch_size=8", "--config.eval.samplers=ddim",
+              "--config.eval.steps=2", "--config.eval.colour_steps=2",
+              "--config.eval.colour_num_samples=8", "--config.eval.x0_num_examples=8",
+              "--config.eval.x0_buckets=4", "--config.eval.train_curve=False",
+              "--config.eval.classifier=False"]
+  single = subprocess.run(base + [f"--workdir={tmp_path / 'one'}"] + evaluate, env=_env(8),
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert single.returncode == 0, single.stderr[-3000:]
+  port = str(_free_port())
+  procs = [subprocess.Popen(base + [f"--workdir={tmp_path / 'two'}"] + evaluate, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(_env(4), JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                                     JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
+           for i in range(2)]
+  outs = [p.communicate(timeout=900) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "Wrote:" in outs[0][0] and "Wrote:" not in outs[1][0]
+  one, two = (json.loads((tmp_path / d / "eval" / "evaluation.json").read_text())
+              for d in ("one", "two"))
+  assert two["complete"] and two["reused_pieces"] == []
+  fid_one = one["fid_vs_steps"]["debias"]["ddim"]["2"]["fid"]
+  fid_two = two["fid_vs_steps"]["debias"]["ddim"]["2"]["fid"]
+  assert fid_one > 0
+  np.testing.assert_allclose(fid_two, fid_one, rtol=1e-4)
+  np.testing.assert_allclose(two["x0_error"]["debias"]["x0_mse"],
+                             one["x0_error"]["debias"]["x0_mse"], rtol=1e-5)
+  # The reference statistics were computed across both processes and cached once.
+  assert sorted(p.name for p in (tmp_path / "two").glob("reference_*.npz")) == sorted(
+      p.name for p in (tmp_path / "one").glob("reference_*.npz"))

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from diffusion_jax import distributed
 from diffusion_jax import torch_archive
 
 INPUT_SIZE = 299
@@ -375,7 +376,9 @@ class FIDInception:
   def features_uint8(self, images, batch_size: int = 50, progress: bool = True
                      ) -> dict[str, np.ndarray]:
     """Features of (N, H, W, C) uint8 images, in batches split over all devices (the last
-    one padded to keep one compiled shape), with a progress bar."""
+    one padded to keep one compiled shape), with a progress bar. In a multi-host job
+    every process passes the same images and computes its devices' share of each batch;
+    all get every feature."""
     images = np.asarray(images)
     if images.dtype != np.uint8:
       raise ValueError(f"features_uint8 takes uint8 images; got {images.dtype}. "
@@ -383,8 +386,8 @@ class FIDInception:
     n_dev = len(jax.devices())
     batch_size = -(-max(1, min(batch_size, len(images))) // n_dev) * n_dev
     sharding = jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec("data"))
-    params = jax.device_put(self.params, jax.sharding.NamedSharding(
-        self._mesh, jax.sharding.PartitionSpec()))
+    replicated = jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec())
+    params = jax.tree.map(lambda p: distributed.host_to_global(p, replicated), self.params)
     out: dict[str, list] = {}
     batches = range(0, len(images), batch_size)
     for start in tqdm(batches, desc="inception", disable=not progress, leave=False):
@@ -392,7 +395,7 @@ class FIDInception:
       n = len(chunk)
       if n < batch_size:
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
-      feats = self._apply_uint8(params, jax.device_put(chunk, sharding))
+      feats = self._apply_uint8(params, distributed.host_to_global(chunk, sharding))
       for key, value in feats.items():
         out.setdefault(key, []).append(np.asarray(value)[:n])
     return {key: np.concatenate(v) for key, v in out.items()}

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from tqdm.auto import tqdm
 
 from diffusion_jax import input_pipeline
@@ -172,16 +173,24 @@ def check_supported(data_config) -> None:
                      "Set eval.classifier=False.")
 
 
-def classifier_for(data_config, num_classes: int, cache_dir, seed: int = 0) -> Classifier:
+def cache_path(data_config, cache_dir) -> epath.Path:
+  """Where `classifier_for` caches the classifier of `data_config`'s dataset."""
+  name = data_config.dataset.replace(":", "_").replace("/", "_")
+  return paths.path(cache_dir) / f"classifier_{name}_{data_config.image_size}px.npz"
+
+
+def classifier_for(data_config, num_classes: int, cache_dir, seed: int = 0, *,
+                   cached: bool | None = None, write: bool = True) -> Classifier:
   """The cached classifier of `data_config`'s dataset, trained on first use.
 
   Trains on the train split, scores the test split (the ceiling) and caches both in
-  cache_dir/classifier_<dataset>_<size>px.npz.
+  `cache_path`. cached: whether to load the cache (None: if it exists); write: whether to
+  write it after training (False on all but one process of a multi-host job, which
+  decide `cached` before any of them writes).
   """
   check_supported(data_config)
-  name = data_config.dataset.replace(":", "_").replace("/", "_")
-  path = paths.path(cache_dir) / f"classifier_{name}_{data_config.image_size}px.npz"
-  if paths.exists(path):
+  path = cache_path(data_config, cache_dir)
+  if paths.exists(path) if cached is None else cached:
     return Classifier.load(path)
   tqdm.write(f"Training the recognisability classifier for {data_config.dataset} → {path}")
   images, labels = _all_images(data_config, "train")
@@ -194,7 +203,8 @@ def classifier_for(data_config, num_classes: int, cache_dir, seed: int = 0) -> C
   classifier.reference = {
       **classifier.score(test_images), "split": "test",
       "accuracy": float(np.mean(probs.argmax(axis=1) == test_labels))}
-  classifier.save(path)
+  if write:
+    classifier.save(path)
   return classifier
 
 
