@@ -483,6 +483,11 @@ def _trained_run_config(config, name: str):
   return sub
 
 
+class TrainingStopped(KeyboardInterrupt):
+  """A compare run's training was stopped by a signal (preemption, Ctrl-C) after saving:
+  the comparison stops too, as after Ctrl-C, and the same command resumes it."""
+
+
 def _train_or_reuse(sub_config, run_dir: str, name: str) -> None:
   """Trains into run_dir, resuming; a finished run of the same objective is reused."""
   steps = checkpoints.checkpoint_steps(run_dir)
@@ -499,7 +504,10 @@ def _train_or_reuse(sub_config, run_dir: str, name: str) -> None:
       tqdm.write(f"[{name}] reusing the finished run in {run_dir} (step {steps[-1]})")
       return
   tqdm.write(f"[{name}] training into {run_dir}")
-  train.train_and_sample(sub_config, run_dir)
+  state = train.train_and_sample(sub_config, run_dir)
+  if int(state.step) < sub_config.train.num_steps:  # SIGTERM/Ctrl-C: saved, then stopped
+    raise TrainingStopped(f"[{name}] stopped at step {int(state.step)} of "
+                          f"{sub_config.train.num_steps} (checkpoint saved in {run_dir}).")
 
 
 def training_statistics(workdir: str, last_fraction: float = 0.25) -> dict:

@@ -38,12 +38,12 @@ def main(argv):
     user_errors += (ValueError, FileNotFoundError)  # bad files, fields or checkpoints
   try:
     _run_mode()
-  except KeyboardInterrupt:
+  except KeyboardInterrupt as e:  # also evaluate.TrainingStopped
     if FLAGS.mode not in ("evaluate", "compare"):
       raise
-    print("\nInterrupted. Finished evaluation pieces are kept (points.json beside "
-          "evaluation.json); run the same command again to continue from them.",
-          file=sys.stderr)
+    print(f"\n{str(e) or 'Interrupted.'}\nFinished runs and evaluation pieces are kept "
+          "(points.json beside evaluation.json); run the same command again to continue "
+          "from them.", file=sys.stderr)
     sys.exit(130)
   except user_errors as e:  # the problem and the fix, no traceback
     if FLAGS["verbosity"].present:

@@ -257,3 +257,30 @@ def test_sample_images_uses_the_solver_settings():
   assert one.shape == (2, 32, 32, 1) and np.abs(one.astype(int) - three.astype(int)).max() > 0
   default = evaluate.sample_images(r, "ddim", 2, 2, 2, 0)
   assert default.dtype == np.uint8
+
+
+@pytest.mark.slow  # one tiny training in a subprocess, stopped by SIGTERM (~40 s)
+def test_a_compare_whose_training_is_preempted_stops_instead_of_starting_the_next_run(
+    tmp_path):
+  import signal  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "diffusion_jax.main", "--config=tests/tiny_config.py",
+       f"--workdir={tmp_path}", "--mode=compare", "--config.compare.weightings=constant,debias",
+       "--config.train.num_steps=100000", "--config.train.log_every=1"],
+      cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+      env=dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+  metrics = tmp_path / "runs" / "constant" / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (metrics.exists() and "loss" in metrics.read_text()):
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 130, err[-3000:]
+  assert "[constant] stopped at step" in err and "run the same command again" in err
+  assert checkpoints.checkpoint_steps(str(tmp_path / "runs" / "constant"))
+  assert not (tmp_path / "runs" / "debias").exists()
