@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 LAUNCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch")
@@ -135,3 +136,22 @@ def test_gpu_compare_dry_run_is_a_valid_compare_command():
   assert config.compare.weightings == "constant,debias,debias+importance"
   bad = _run("gpu_compare.sh", "--dataset", "cifar")
   assert bad.returncode == 2 and "--dataset must be" in bad.stderr
+
+
+@pytest.mark.slow  # 100 quickstart steps in fp32 and in bf16 (~2 min)
+def test_bf16_trains_like_fp32_over_100_quickstart_steps():
+  """Same seed, batches, t and noise; only train.compute_dtype differs. Both start from the
+  same loss (the output layer starts at zero); stated tolerance, from the measured gap
+  (README "bf16"): every 10-step mean loss within 15% of fp32's, the 100-step mean within
+  5%, and x0 errors within 25% in every timestep quarter."""
+  sys.path.insert(0, LAUNCH)
+  import bf16_check  # pylint: disable=import-outside-toplevel
+  r = bf16_check.train_both(100, x0_examples=32, buckets=4, window=10)
+  fp32, bf16 = (np.asarray(r["losses"][d]) for d in ("float32", "bfloat16"))
+  assert np.isfinite(bf16).all() and fp32[0] == pytest.approx(bf16[0], rel=1e-4)
+  assert max(r["window_gap"]) < 0.15, r["window_gap"]
+  assert abs(bf16.mean() - fp32.mean()) / fp32.mean() < 0.05
+  ratio = (np.asarray(r["x0_error"]["bfloat16"]["x0_mse"])
+           / np.asarray(r["x0_error"]["float32"]["x0_mse"]))
+  assert np.all(np.abs(ratio - 1) < 0.25), ratio
+  assert "| 750–999 |" in bf16_check.markdown(r)
