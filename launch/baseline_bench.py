@@ -47,6 +47,9 @@ def _parse(argv):
   p.add_argument("--steps", type=int, default=10, help="timed train steps (median reported)")
   p.add_argument("--sample_steps", type=int, default=20, help="DDIM steps per timed loop; 0: skip")
   p.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "2")))
+  p.add_argument("--profile", type=int, default=0,
+                 help="also trace this many train steps with torch.profiler and print the "
+                      "top ops by self time (a Markdown table, JSON key 'profile')")
   p.add_argument("--baseline_dir", default=os.environ.get("DIFFUSION_BASELINE", DEFAULT_DIR))
   args = p.parse_args(argv)
   if not os.path.isdir(os.path.join(args.baseline_dir, "guided_diffusion")):
@@ -78,8 +81,8 @@ def main(argv=None) -> dict:
   build = dict(script_util.model_and_diffusion_defaults(), **cfg)
   with contextlib.redirect_stdout(io.StringIO()):  # the official code prints while building
     model, diffusion = script_util.create_model_and_diffusion(**build)
-    _, ddim = script_util.create_model_and_diffusion(
-        **dict(build, timestep_respacing=f"ddim{max(args.sample_steps, 1)}"))
+    ddim = script_util.create_model_and_diffusion(
+        **dict(build, timestep_respacing=f"ddim{args.sample_steps}"))[1] if args.sample_steps else None
   model.to(dev)
   opt = th.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.0)
   sampler = UniformSampler(diffusion)
@@ -102,6 +105,22 @@ def main(argv=None) -> dict:
     sync()
     times.append(time.perf_counter() - t0)
   train_s = statistics.median(times[3:])
+  profile = None
+  if args.profile:
+    from torch import profiler  # pylint: disable=import-outside-toplevel
+    with profiler.profile(activities=[profiler.ProfilerActivity.CPU]) as prof:
+      for _ in range(args.profile):
+        opt.zero_grad()
+        t, w = sampler.sample(bs, dev)
+        with autocast():
+          loss = (diffusion.training_losses(model, x, t)["loss"] * w).mean()
+        loss.backward()
+        opt.step()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    profile = [{"op": e.key, "ms_per_step": e.self_cpu_time_total / 1e3 / args.profile,
+                "share": e.self_cpu_time_total / total, "calls_per_step": e.count / args.profile}
+               for e in events]
   result = {"implementation": "official (PyTorch)", "case": args.case, "device": dev,
             "device_name": th.cuda.get_device_name() if dev == "cuda" else "cpu",
             "torch": th.__version__, "compute_dtype": args.dtype, "batch_size": bs,
@@ -121,6 +140,13 @@ def main(argv=None) -> dict:
                   sample_image_steps_per_s=bs * args.sample_steps / loop_s)
   if dev == "cuda":
     result["peak_device_memory_gb"] = th.cuda.max_memory_allocated() / 2**30
+  if profile:
+    result["profile"] = profile
+    print(f"self CPU time per step {sum(r['ms_per_step'] for r in profile):.0f} ms\n\n"
+          "| # | op | ms/step | share | calls/step |\n|---|---|---|---|---|", file=sys.stderr)
+    for i, r in enumerate(profile[:10], 1):
+      print(f"| {i} | {r['op']} | {r['ms_per_step']:.1f} | {r['share']:.1%} | "
+            f"{r['calls_per_step']:.0f} |", file=sys.stderr)
   print(json.dumps(result))
   return result
 
