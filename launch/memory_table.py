@@ -8,18 +8,21 @@ device), compute dtype (float32, bfloat16) and use_checkpoint (off, on):
 
 - train-state bytes per device at fsdp 1 and 8: exact, from the abstract TrainState
   (params, Adam moments, one EMA) and `train.fsdp_spec`;
-- activation bytes: the temporary buffers of XLA's buffer assignment for the compiled
-  step on this CPU (`memory_analysis().temp_size_in_bytes`). GPU and TPU compilers fuse
-  and schedule differently, so this is an estimate of the same order, not their figure.
-  Under fsdp the step also gathers the weights it uses (at most the full params).
+- activation bytes: the residuals the backward pass keeps, counted from the leaves of
+  `jax.vjp`'s backward function under `jax.eval_shape` (nothing is allocated or
+  compiled; the weights the backward reads are included). This is an upper bound of
+  the same order as the real need: XLA fuses elementwise ops into their consumers and
+  recomputes them in the backward pass instead of storing them, so compiled steps keep
+  less (see the README for an H100 measurement beside it). Under fsdp the step also
+  gathers the weights it uses (at most the full params, in the compute dtype).
 
-Prints a Markdown table with the fit against H100 (80 GB), TPU v4 (32 GB) and v5e (16 GB).
+Prints a Markdown table with the fit (state + activation bound) against H100 (80 GB),
+TPU v4 (32 GB) and v5e (16 GB) HBM.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 
@@ -64,29 +67,34 @@ def jax_leaves(tree):
 def measure(name: str, dtype: str, remat: bool) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from diffusion_jax import config_lib, train  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import config_lib, models, train  # pylint: disable=import-outside-toplevel
   c = _config(name, dtype, remat)
   components, settings = config_lib.build(c), config_lib.train_settings(c)
   state = train.abstract_state(components, settings)
   n, s = c.data.batch_size, c.model.image_size
-  batch = {"image": jax.ShapeDtypeStruct((n, s, s, 3), jnp.float32),
-           "label": jax.ShapeDtypeStruct((n,), jnp.int32)}
-  t0 = time.time()
-  compiled = jax.jit(train.make_train_step(components, settings), donate_argnums=0).lower(
-      state, batch).compile()
-  analysis = compiled.memory_analysis()
+  x = jax.ShapeDtypeStruct((n, s, s, 3), jnp.float32)
+  t = jax.ShapeDtypeStruct((n,), jnp.int32)
+  labels = jax.ShapeDtypeStruct((n,), jnp.int32) if c.model.class_cond else None
+
+  def residuals(params, x, t, labels):
+    def loss(p):
+      out = models.bind(components.model, p, labels, train=True,
+                        dropout_key=jax.random.PRNGKey(0))(x, t)
+      return jnp.mean(out.astype(jnp.float32) ** 2)
+    return jax.tree_util.tree_leaves(jax.vjp(loss, params)[1])
+
+  kept = jax.eval_shape(residuals, state.params, x, t, labels)
   return {"model": name, "compute_dtype": dtype, "use_checkpoint": remat, "batch": n,
           "params": sum(int(np.prod(x.shape)) for x in jax_leaves(state.params)),
           "state_bytes_fsdp1": _state_bytes(state, 1),
           "state_bytes_fsdp8": _state_bytes(state, 8),
-          "activation_bytes": int(analysis.temp_size_in_bytes),
-          "compile_s": time.time() - t0}
+          "activation_bytes": sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in kept)}
 
 
 def markdown(rows: list[dict]) -> str:
   gb = lambda b: b / 2**30
   head = ["model", "params", "dtype", "remat", "state/device fsdp 1", "fsdp 8",
-          "activations (XLA:CPU)"] + [f"fits {k} (fsdp 1 / 8)" for k in HBM_GB]
+          "activations (bound)"] + [f"fits {k} (fsdp 1 / 8)" for k in HBM_GB]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     need = [gb(r[f"state_bytes_fsdp{f}"] + r["activation_bytes"]) for f in (1, 8)]

@@ -155,3 +155,16 @@ def test_bf16_trains_like_fp32_over_100_quickstart_steps():
            / np.asarray(r["x0_error"]["float32"]["x0_mse"]))
   assert np.all(np.abs(ratio - 1) < 0.25), ratio
   assert "| 750–999 |" in bf16_check.markdown(r)
+
+
+def test_memory_table_counts_state_and_activations_at_paper_scale():
+  sys.path.insert(0, LAUNCH)
+  import memory_table  # pylint: disable=import-outside-toplevel
+  plain, remat = (memory_table.measure("celebahq256", "float32", r) for r in (False, True))
+  assert plain["params"] == remat["params"] == 93_563_910  # the paper's 93.6M
+  # params, two Adam moments and one EMA in float32, plus the timestep sampler's loss
+  # history (T × 10 floats) and scalars
+  assert 16 * plain["params"] <= plain["state_bytes_fsdp1"] < 16 * plain["params"] + 65536
+  assert 7.5 < plain["state_bytes_fsdp1"] / plain["state_bytes_fsdp8"] <= 8
+  assert remat["activation_bytes"] < plain["activation_bytes"] / 4
+  assert "| celebahq256 | 93.6 M | float32 | off |" in memory_table.markdown([plain])
