@@ -93,15 +93,18 @@ def main(argv=None) -> dict:
   if dev == "cuda":
     th.cuda.reset_peak_memory_stats()
 
-  times = []
-  for _ in range(args.steps + 3):
-    t0 = time.perf_counter()
+  def train_step():
     opt.zero_grad()
     t, w = sampler.sample(bs, dev)
     with autocast():
       loss = (diffusion.training_losses(model, x, t)["loss"] * w).mean()
     loss.backward()
     opt.step()
+
+  times = []
+  for _ in range(args.steps + 3):
+    t0 = time.perf_counter()
+    train_step()
     sync()
     times.append(time.perf_counter() - t0)
   train_s = statistics.median(times[3:])
@@ -110,12 +113,7 @@ def main(argv=None) -> dict:
     from torch import profiler  # pylint: disable=import-outside-toplevel
     with profiler.profile(activities=[profiler.ProfilerActivity.CPU]) as prof:
       for _ in range(args.profile):
-        opt.zero_grad()
-        t, w = sampler.sample(bs, dev)
-        with autocast():
-          loss = (diffusion.training_losses(model, x, t)["loss"] * w).mean()
-        loss.backward()
-        opt.step()
+        train_step()
     events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in events)
     profile = [{"op": e.key, "ms_per_step": e.self_cpu_time_total / 1e3 / args.profile,
