@@ -49,8 +49,10 @@ flags.DEFINE_integer("cpu_devices", -1, "CPU only: XLA devices the host is split
                      "(-1: one per core, dividing the batch; 1: a single device).")
 flags.DEFINE_bool("baseline", False, "Also time the official PyTorch step on the same case, "
                   "alternating separate processes, and report both medians and the ratio.")
-flags.DEFINE_string("baseline_case", "small32", "The official runner's case: small32 "
-                    "(= configs/bench_cpu_small.py), paper64 or paper256.")
+flags.DEFINE_string("baseline_case", "", "The official runner's case: small32 "
+                    "(= configs/bench_cpu_small.py), paper64 (= configs/bench_cpu_small.py:"
+                    "paper64) or paper256; empty: the case whose model and batch equal the "
+                    "config's.")
 flags.DEFINE_integer("baseline_runs", 3, "Processes of each side, alternating.")
 flags.DEFINE_string("baseline_cmd", os.path.normpath(os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "baseline",
@@ -185,6 +187,32 @@ def side_by_side(ours_cmd: list[str], baseline_cmd: list[str], runs: int) -> dic
           "ours_median": a, "official_median": b, "ratio": a / b, "runs": runs}
 
 
+# The official runner's cases (../shared/baseline/ref_step.py) as (image_size,
+# num_channels, batch_size); the rest of each case is the paper's model.
+BASELINE_CASES = {"small32": (32, 64, 16), "paper64": (64, 128, 4), "paper256": (256, 128, 8)}
+
+
+def baseline_case_for(config, case: str = "") -> str:
+  """The official runner's case for `config` (checked against it when `case` is given)."""
+  ours = (config.model.image_size, config.model.num_channels, config.data.batch_size)
+  if not case:
+    matches = [name for name, key in BASELINE_CASES.items() if key == ours]
+    if not matches:
+      raise app.UsageError(
+          f"No official case has image_size, num_channels, batch_size = {ours}; the cases "
+          f"are {BASELINE_CASES}. Use configs/bench_cpu_small.py (small32) or "
+          "configs/bench_cpu_small.py:paper64, or pass --baseline_case.")
+    return matches[0]
+  if case not in BASELINE_CASES:
+    raise app.UsageError(f"--baseline_case={case!r}: choose one of {list(BASELINE_CASES)}.")
+  if BASELINE_CASES[case] != ours:
+    raise app.UsageError(
+        f"--baseline_case={case} is image_size, num_channels, batch_size = "
+        f"{BASELINE_CASES[case]} but the config has {ours}: the two sides would time "
+        "different steps. Pick the matching config or case.")
+  return case
+
+
 def _side_by_side_main(argv) -> None:
   if not os.path.exists(FLAGS.baseline_cmd):
     raise app.UsageError(f"--baseline_cmd={FLAGS.baseline_cmd} does not exist; point it at "
@@ -192,8 +220,9 @@ def _side_by_side_main(argv) -> None:
   dropped = ("--baseline", "--json")
   own = [a for a in argv[1:] if not a.startswith(dropped) and a != "--nobaseline"]
   ours_cmd = [sys.executable, "-m", "diffusion_jax.bench"] + own
-  result = side_by_side(ours_cmd, [FLAGS.baseline_cmd, FLAGS.baseline_case], FLAGS.baseline_runs)
-  result["case"] = FLAGS.baseline_case
+  case = baseline_case_for(FLAGS.config, FLAGS.baseline_case)
+  result = side_by_side(ours_cmd, [FLAGS.baseline_cmd, case], FLAGS.baseline_runs)
+  result["case"] = case
   print(f"side by side, alternating {result['runs']} processes each, on this machine:\n"
         f"  diffusion_jax  {result['ours_median']:.2f} train images/s  "
         f"(runs {', '.join(f'{v:.2f}' for v in result['ours_images_per_s'])})\n"

@@ -56,3 +56,24 @@ def test_the_default_baseline_runner_is_the_checkout_beside_the_repository():
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   want = os.path.normpath(os.path.join(repo, "..", "shared", "baseline", "run_ref_step.sh"))
   assert bench.FLAGS["baseline_cmd"].default == want
+
+
+def test_each_bench_config_names_the_official_case_it_equals():
+  from absl import app  # pylint: disable=import-outside-toplevel
+  from configs import bench_cpu_small  # pylint: disable=import-outside-toplevel
+  small, paper64 = bench_cpu_small.get_config(), bench_cpu_small.get_config("paper64")
+  # ../shared/baseline/ref_step.py: small32 is 32 px, 64 channels, 32-channel heads,
+  # batch 16; paper64 is 64 px, 128 channels, 64-channel heads, batch 4.
+  assert (small.model.image_size, small.model.num_channels, small.model.num_head_channels,
+          small.data.batch_size) == (32, 64, 32, 16)
+  assert (paper64.model.image_size, paper64.model.num_channels,
+          paper64.model.num_head_channels, paper64.data.batch_size) == (64, 128, 64, 4)
+  assert bench.baseline_case_for(small) == "small32"
+  assert bench.baseline_case_for(paper64) == "paper64"
+  assert bench.baseline_case_for(paper64, "paper64") == "paper64"
+  with pytest.raises(app.UsageError, match="different steps"):
+    bench.baseline_case_for(small, "paper64")
+  with pytest.raises(app.UsageError, match="No official case"):
+    bench.baseline_case_for(tiny_config.get_config())
+  with pytest.raises(ValueError, match="paper64"):
+    bench_cpu_small.get_config("paper65")
