@@ -88,6 +88,25 @@ def test_group_norm_against_numpy():
   np.testing.assert_allclose(y, want.transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("shape", [(2, 5, 5, 64), (3, 8, 8, 192)])
+def test_group_norm_gradients_match_torch(shape):
+  torch = pytest.importorskip("torch")  # the oracle; installed with the test requirements
+  rng = np.random.default_rng(1)
+  x = rng.normal(3.0, 2.0, size=shape).astype(np.float32)
+  w, b = rng.normal(size=(2, shape[-1])).astype(np.float32)
+  g = rng.normal(size=shape).astype(np.float32)
+  gn = unet._norm("n")
+  loss = lambda p, x: jnp.sum(gn.apply({"params": p}, x) * g)
+  (gp, gx) = jax.grad(loss, argnums=(0, 1))({"scale": w, "bias": b}, x)
+  tx, tw, tb = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (
+      x.transpose(0, 3, 1, 2), w, b))
+  y = torch.nn.functional.group_norm(tx, 32, tw, tb, eps=1e-5)
+  (y * torch.tensor(g.transpose(0, 3, 1, 2), dtype=torch.float64)).sum().backward()
+  np.testing.assert_allclose(gx, tx.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(gp["scale"], tw.grad.numpy(), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(gp["bias"], tb.grad.numpy(), rtol=1e-5, atol=1e-4)
+
 def _np_attention(qkv_nct, heads, new_order):
   """guided-diffusion's QKVAttention(Legacy) semantics on (N, 3·H·C, T) arrays."""
   n, width, length = qkv_nct.shape

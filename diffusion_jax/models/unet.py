@@ -36,14 +36,46 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
   return emb
 
 
+class GroupNorm(nn.Module):
+  """GroupNorm of x (B, ..., C), computed and returned in float32.
+
+  The parameters ("scale", "bias", shape (C,)) and the arithmetic are flax's GroupNorm
+  with the two-pass variance (PyTorch's): statistics per group over the spatial axes
+  and the group's channels. They are taken per channel first and then averaged within
+  each group, so every pass over the activations keeps the channel axis minor; flax's
+  reshape to (..., groups, C/groups) leaves a minor axis of 2–6, which XLA:CPU cannot
+  vectorise (fwd+bwd 2–3× slower; PERF_NOTES.md, 2026-11-27 session 7).
+  """
+  num_groups: int = 32
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    if c % self.num_groups:
+      raise ValueError(f"GroupNorm: {c} channels do not divide into {self.num_groups} groups.")
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    x = x.astype(jnp.float32)
+    spatial = tuple(range(1, x.ndim - 1))
+    per_channel = (x.shape[0],) + (1,) * len(spatial) + (c,)
+
+    def group_mean(per_channel_mean):  # (B, C) -> each group's mean, repeated per channel
+      g = per_channel_mean.reshape(x.shape[0], self.num_groups, c // self.num_groups)
+      return jnp.repeat(g.mean(-1), c // self.num_groups, axis=-1).reshape(per_channel)
+
+    centred = x - group_mean(jnp.mean(x, axis=spatial))
+    var = group_mean(jnp.mean(centred * centred, axis=spatial))
+    return centred * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+
+
 def _norm(name: str) -> nn.Module:
   # GroupNorm's params live directly under the PyTorch name (e.g. "in_layers.0").
-  return nn.GroupNorm(num_groups=32, epsilon=1e-5, dtype=jnp.float32,
-                      param_dtype=jnp.float32, use_fast_variance=False, name=name)
+  return GroupNorm(num_groups=32, epsilon=1e-5, name=name)
 
 
 def _group_norm(module: nn.Module, x):
-  return module(x.astype(jnp.float32)).astype(x.dtype)
+  return module(x).astype(x.dtype)
 
 
 def _conv(features: int, name: str, dtype: Dtype, kernel: int = 3, stride: int = 1,
