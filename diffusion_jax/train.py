@@ -221,20 +221,27 @@ def make_train_step(components: config_lib.Components, settings: config_lib.Trai
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
               & jnp.isfinite(optax.tree.norm(updates)))
-    params = optax.apply_updates(state.params, updates)
-    ema = [jax.tree_util.tree_map(lambda e, p, r=r: r * e + (1 - r) * p, e_params, params)
-           for r, e_params in zip(rates, state.ema_params)]
-    history = {k: v for k, v in state.sampler_state.items()
-               if k != learned_weighting.STATE_KEY}
-    sampler_state = timestep_sampler.update(history, t, jax.lax.stop_gradient(terms["loss"]))
-    if weight_state is not None:
-      sampler_state[learned_weighting.STATE_KEY] = learned.update(weight_state, weight_grads)
-    new = state.replace(step=state.step + 1, params=params, ema_params=ema,
-                        opt_state=opt_state, sampler_state=sampler_state)
-    # A non-finite step is dropped under both NaN policies; "halt" then stops on the
-    # host at the next log boundary, before any checkpoint could store it.
-    kept = state.replace(step=state.step + 1, nonfinite_steps=state.nonfinite_steps + 1)
-    new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, kept)
+
+    def apply(state):
+      params = optax.apply_updates(state.params, updates)
+      ema = [jax.tree_util.tree_map(lambda e, p, r=r: r * e + (1 - r) * p, e_params, params)
+             for r, e_params in zip(rates, state.ema_params)]
+      history = {k: v for k, v in state.sampler_state.items()
+                 if k != learned_weighting.STATE_KEY}
+      sampler_state = timestep_sampler.update(history, t, jax.lax.stop_gradient(terms["loss"]))
+      if weight_state is not None:
+        sampler_state[learned_weighting.STATE_KEY] = learned.update(weight_state, weight_grads)
+      return state.replace(step=state.step + 1, params=params, ema_params=ema,
+                           opt_state=opt_state, sampler_state=sampler_state)
+
+    def drop(state):
+      # A non-finite step is dropped under both NaN policies; "halt" then stops on the
+      # host at the next log boundary, before any checkpoint could store it.
+      return state.replace(step=state.step + 1, nonfinite_steps=state.nonfinite_steps + 1)
+
+    # A branch, not a select over the whole state: the select was one more pass over
+    # params, EMAs and both Adam moments every step (PERF_NOTES.md, 2026-11-27 session 7).
+    new = jax.lax.cond(finite, apply, drop, state)
 
     q_sum, q_count = _quarter_stats(t, terms["loss"], diffusion.num_timesteps)
     metrics = {"loss": loss, "mse": jnp.mean(terms["mse"]), "grad_norm": grad_norm,
