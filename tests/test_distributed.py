@@ -67,6 +67,7 @@ def test_cpu_device_count_divides_every_batch():
 
 
 def test_split_host_cpu_respects_explicit_xla_flags(monkeypatch):
+  monkeypatch.setattr(distributed, "_jaxlib_version", lambda: "0.9.0")
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
   assert distributed.split_host_cpu(2) == 0
   assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
@@ -77,6 +78,26 @@ def test_split_host_cpu_respects_explicit_xla_flags(monkeypatch):
   with pytest.raises(ValueError, match="cpu_devices=0"):
     monkeypatch.setenv("XLA_FLAGS", "")
     distributed.split_host_cpu(0)
+
+
+def test_split_host_cpu_picks_the_convolution_library_only_where_measured(monkeypatch):
+  library = ("--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
+             "LIBRARY_FUSION_TYPE_REDUCE")
+  monkeypatch.setattr(distributed, "_jaxlib_version", lambda: "0.10.2")
+  monkeypatch.setenv("XLA_FLAGS", "")
+  assert distributed.split_host_cpu(2) == 2
+  assert os.environ["XLA_FLAGS"] == f"{library} --xla_force_host_platform_device_count=2"
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  assert distributed.split_host_cpu(2) == 0
+  assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {library}"
+  own = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_ELTWISE"
+  monkeypatch.setenv("XLA_FLAGS", own)
+  assert distributed.split_host_cpu(1) == 1
+  assert os.environ["XLA_FLAGS"] == f"{own} --xla_force_host_platform_device_count=1"
+  monkeypatch.setattr(distributed, "_jaxlib_version", lambda: "0.11.2")  # not measured
+  monkeypatch.setenv("XLA_FLAGS", "")
+  distributed.split_host_cpu(2)
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
 
 
 @pytest.mark.slow  # a tiny training, then 1-process and 2-process sampling (~1.5 min)
