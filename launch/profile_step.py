@@ -9,6 +9,13 @@ ms per step (summed over devices), share of all instruction time, and what each 
 fusion's root op with its shapes: a convolution's window and dim_labels tell a forward
 convolution from its input or weight gradient). The official step's counterpart is
 `launch/baseline_bench.py --profile`.
+
+Not every thunk emits a trace event: XLA:CPU's Eigen convolutions (the CPU default of
+the CLI entry points, `distributed.CPU_LIBRARY_FLAGS`) do not. The executor time on the
+device threads minus the traced instructions is reported as "untraced", so the shares
+still add up; to see the convolutions one by one, profile with YNNPACK's convolutions
+(`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,`
+`LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE`).
 """
 from __future__ import annotations
 
@@ -98,13 +105,30 @@ def profile(config, steps: int = 5, warmup: int = 3) -> dict:
       events = json.load(f)
   events = events["traceEvents"] if isinstance(events, dict) else events
   total = collections.Counter()
+  device_threads, executor_ms = set(), 0.0
   for e in events:
     if e.get("ph") == "X" and e.get("name") in names:
       total[e["name"]] += e.get("dur", 0.0) / 1e3 / steps
+      device_threads.add((e.get("pid"), e.get("tid")))
+  executions = sorted((e.get("pid"), e.get("tid"), e["ts"], e.get("dur", 0.0)) for e in events
+                      if e.get("ph") == "X" and e.get("name") == "ThunkExecutor::Execute"
+                      and (e.get("pid"), e.get("tid")) in device_threads)
+  outer_end = {}
+  for pid, tid, ts, dur in executions:  # nested executors (loops, branches) counted once
+    if ts >= outer_end.get((pid, tid), float("-inf")):
+      executor_ms += dur / 1e3 / steps
+      outer_end[(pid, tid)] = ts + dur
+  untraced = max(0.0, executor_ms - sum(total.values()))
+  if untraced:
+    total[UNTRACED] = untraced
+    names = dict(names, **{UNTRACED: UNTRACED})
   all_ms = sum(total.values())
   ops = [(name, ms, ms / all_ms, names[name]) for name, ms in total.most_common()]
   return {"ms_per_step": wall * 1e3, "op_ms_per_step": all_ms, "ops": ops,
           "devices": jax.device_count()}
+
+
+UNTRACED = "untraced thunks (Eigen convolutions, executor overhead)"
 
 
 def markdown(result: dict, top: int) -> str:
@@ -123,6 +147,8 @@ def markdown(result: dict, top: int) -> str:
 
 
 def _kind(what: str) -> str:
+  if what == UNTRACED:
+    return what
   if "convolution" in what:
     window = re.search(r"window size=(\d+)x(\d+)", what)
     if window and int(window.group(1)) > 3:

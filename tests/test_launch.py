@@ -168,3 +168,19 @@ def test_memory_table_counts_state_and_activations_at_paper_scale():
   assert 7.5 < plain["state_bytes_fsdp1"] / plain["state_bytes_fsdp8"] <= 8
   assert remat["activation_bytes"] < plain["activation_bytes"] / 4
   assert "| celebahq256 | 93.6 M | float32 | off |" in memory_table.markdown([plain])
+
+
+def test_profile_step_accounts_for_the_whole_executor_time(tmp_path):
+  out = tmp_path / "profile.json"
+  r = subprocess.run([sys.executable, os.path.join(LAUNCH, "profile_step.py"),
+                      "--config=tests/tiny_config.py", "--steps=1", "--top=5",
+                      f"--json={out}"], capture_output=True, text=True, timeout=300,
+                     cwd=os.path.dirname(LAUNCH))
+  assert r.returncode == 0, r.stderr[-2000:]
+  result = json.loads(out.read_text())
+  shares = [share for _, _, share, _ in result["ops"]]
+  assert abs(sum(shares) - 1) < 1e-6 and all(s > 0 for s in shares)
+  whats = [what for _, _, _, what in result["ops"]]
+  # The CLI default's Eigen convolutions emit no trace events: they are the untraced rest.
+  assert any(w.startswith("untraced thunks") for w in whats)
+  assert any("dot" in w for w in whats) and "| kind | ms/step | share |" in r.stdout
