@@ -46,7 +46,8 @@ flags.DEFINE_string("json", None, "Write the results here as JSON.")
 flags.DEFINE_integer("runs", 10, "Timed calls per measurement (the median is reported).")
 flags.DEFINE_integer("warmup", 2, "Untimed calls before timing.")
 flags.DEFINE_integer("cpu_devices", -1, "CPU only: XLA devices the host is split into "
-                     "(-1: one per core, dividing the batch; 1: a single device).")
+                     "(-1: one per core, dividing the batch into shares of at least 8; "
+                     "1: a single device).")
 flags.DEFINE_bool("baseline", False, "Also time the official PyTorch step on the same case, "
                   "alternating separate processes, and report both medians and the ratio.")
 flags.DEFINE_string("baseline_case", "", "The official runner's case: small32 "

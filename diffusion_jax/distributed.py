@@ -43,16 +43,26 @@ CPU_LIBRARY_FLAGS = (f"{_YNN_FUSION_FLAG}=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
 _CPU_LIBRARY_FLAGS_JAXLIB = "0.10."
 
 
-def cpu_device_count(batch_sizes, cores: int | None = None) -> int:
-  """The largest count ≤ the usable cores that divides every batch size (at least 1)."""
+# Fewer images than this per XLA device cost more in per-device work (the optimizer runs
+# on every device) than splitting the batch gains: on 2 cores, batch 4 trained 16–22%
+# faster on one device than on two, batch 16 the same (PERF_NOTES.md, session 7).
+MIN_IMAGES_PER_DEVICE = 8
+
+
+def cpu_device_count(batch_sizes, cores: int | None = None,
+                     min_per_device: int = MIN_IMAGES_PER_DEVICE) -> int:
+  """The largest count ≤ the usable cores that divides every batch size into shares of
+  at least `min_per_device` images (at least 1)."""
   cores = cores or len(os.sched_getaffinity(0))
-  return max(d for d in range(1, cores + 1) if all(b % d == 0 for b in batch_sizes))
+  return max((d for d in range(1, cores + 1)
+              if all(b % d == 0 and b // d >= min_per_device for b in batch_sizes)), default=1)
 
 
 def split_host_cpu(count: int) -> int:
   """Presents the host CPU as `count` XLA devices, so the data-parallel step runs one
-  batch shard per core (measured 1.3× faster than one device on 2 cores; PERF_NOTES.md),
-  and picks XLA:CPU's convolution library (`CPU_LIBRARY_FLAGS`).
+  batch shard per core, and picks XLA:CPU's convolution library (`CPU_LIBRARY_FLAGS`).
+  On 2 cores at batch 16 two devices were 1.25× one with YNNPACK's convolutions and
+  are level with Eigen's; see `cpu_device_count` and PERF_NOTES.md.
 
   Only the CPU backend is affected: GPU and TPU runs still use their accelerators. Must
   run before JAX initialises its backends (the CLI entry points call it first); an

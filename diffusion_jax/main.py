@@ -21,7 +21,8 @@ flags.DEFINE_enum("mode", "train", MODES, "What to run.")
 flags.DEFINE_string("checkpoint", None, "--mode=convert: the PyTorch checkpoint to import.")
 flags.DEFINE_integer("cpu_devices", -1, "CPU runs: split the host into this many XLA devices "
                      "for data parallelism over the cores (-1: as many as the cores, "
-                     "dividing the batch sizes). Ignored by GPU/TPU runs.")
+                     "dividing the batch sizes into shares of at least 8). Ignored by "
+                     "GPU/TPU runs.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

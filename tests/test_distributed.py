@@ -59,11 +59,15 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
   assert int(run_lib.load_checkpoint(str(tiny)).step) == 2
 
 
-def test_cpu_device_count_divides_every_batch():
+def test_cpu_device_count_divides_every_batch_into_shares_of_eight():
   assert distributed.cpu_device_count([16, 64], cores=2) == 2
-  assert distributed.cpu_device_count([16, 64], cores=12) == 8
-  assert distributed.cpu_device_count([15], cores=4) == 3
+  assert distributed.cpu_device_count([64, 128], cores=12) == 8
+  assert distributed.cpu_device_count([16, 64], cores=12) == 2  # 8 images per device
+  assert distributed.cpu_device_count([4], cores=2) == 1  # paper64's batch
+  assert distributed.cpu_device_count([48], cores=4) == 4
+  assert distributed.cpu_device_count([45], cores=4) == 3
   assert distributed.cpu_device_count([7, 16], cores=8) == 1
+  assert distributed.cpu_device_count([4], cores=2, min_per_device=1) == 2
 
 
 def test_split_host_cpu_respects_explicit_xla_flags(monkeypatch):
