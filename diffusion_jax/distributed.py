@@ -72,14 +72,23 @@ def split_host_cpu(count: int) -> int:
   """
   if count < 1 and _HOST_DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
     raise ValueError(f"--cpu_devices={count}: must be ≥ 1 (or -1 for automatic).")
+  add_cpu_library_flags()
   flags = os.environ.get("XLA_FLAGS", "")
-  if _YNN_FUSION_FLAG not in flags and _jaxlib_version().startswith(_CPU_LIBRARY_FLAGS_JAXLIB):
-    flags = f"{flags} {CPU_LIBRARY_FLAGS}".strip()
   if _HOST_DEVICE_FLAG in flags:
-    os.environ["XLA_FLAGS"] = flags
     return 0
   os.environ["XLA_FLAGS"] = f"{flags} {_HOST_DEVICE_FLAG}={count}".strip()
   return count
+
+
+def add_cpu_library_flags() -> None:
+  """Adds `CPU_LIBRARY_FLAGS` to XLA_FLAGS (jaxlib 0.10.x; an explicit setting wins).
+
+  Different convolution kernels round differently, so a process that compares its own
+  training with a CLI run's bitwise (the tests) calls this before JAX starts too.
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if _YNN_FUSION_FLAG not in flags and _jaxlib_version().startswith(_CPU_LIBRARY_FLAGS_JAXLIB):
+    os.environ["XLA_FLAGS"] = f"{flags} {CPU_LIBRARY_FLAGS}".strip()
 
 
 def _jaxlib_version() -> str:

@@ -3,6 +3,11 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from diffusion_jax import distributed  # noqa: E402
+
+# The CLI's CPU kernels, so in-process runs and CLI subprocesses agree bitwise.
+distributed.add_cpu_library_flags()
+
 import jax  # noqa: E402
 
 # Tests run tiny models: XLA's optimisation passes cost more compile time than they save.
