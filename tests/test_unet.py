@@ -89,23 +89,41 @@ def test_group_norm_against_numpy():
 
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 5, 64), (3, 8, 8, 192)])
-def test_group_norm_gradients_match_torch(shape):
+@pytest.mark.parametrize("shape,modulated,silu", [
+    ((2, 5, 5, 64), False, False), ((3, 8, 8, 192), False, False),
+    ((2, 5, 5, 64), True, True), ((3, 4, 4, 96), False, True)])
+def test_group_norm_gradients_match_torch(shape, modulated, silu):
+  """The written-out backward of GroupNorm [· (1 + s) + t] [→ SiLU] against torch's
+  autograd in float64, for x, the norm's params and the modulation (s, t)."""
   torch = pytest.importorskip("torch")  # the oracle; installed with the test requirements
   rng = np.random.default_rng(1)
+  b, c = shape[0], shape[-1]
   x = rng.normal(3.0, 2.0, size=shape).astype(np.float32)
-  w, b = rng.normal(size=(2, shape[-1])).astype(np.float32)
+  w, bias = rng.normal(size=(2, c)).astype(np.float32)
+  s, t = rng.normal(0.0, 0.5, size=(2, b, c)).astype(np.float32)
   g = rng.normal(size=shape).astype(np.float32)
   gn = unet._norm("n")
-  loss = lambda p, x: jnp.sum(gn.apply({"params": p}, x) * g)
-  (gp, gx) = jax.grad(loss, argnums=(0, 1))({"scale": w, "bias": b}, x)
-  tx, tw, tb = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (
-      x.transpose(0, 3, 1, 2), w, b))
+
+  def loss(p, x, s, t):
+    y = gn.apply({"params": p}, x, (s, t) if modulated else None, silu)
+    return jnp.sum(y * g)
+
+  gp, gx, gs, gt = jax.grad(loss, argnums=(0, 1, 2, 3))({"scale": w, "bias": bias}, x, s, t)
+  tx, tw, tb, ts, tt = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (
+      x.transpose(0, 3, 1, 2), w, bias, s, t))
   y = torch.nn.functional.group_norm(tx, 32, tw, tb, eps=1e-5)
+  if modulated:
+    y = y * (1 + ts[:, :, None, None]) + tt[:, :, None, None]
+  if silu:
+    y = torch.nn.functional.silu(y)
   (y * torch.tensor(g.transpose(0, 3, 1, 2), dtype=torch.float64)).sum().backward()
   np.testing.assert_allclose(gx, tx.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(gp["scale"], tw.grad.numpy(), rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(gp["bias"], tb.grad.numpy(), rtol=1e-5, atol=1e-4)
+  if modulated:
+    np.testing.assert_allclose(gs, ts.grad.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gt, tt.grad.numpy(), rtol=1e-5, atol=1e-4)
+
 
 def _np_attention(qkv_nct, heads, new_order):
   """guided-diffusion's QKVAttention(Legacy) semantics on (N, 3·H·C, T) arrays."""

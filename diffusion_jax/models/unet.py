@@ -8,6 +8,7 @@ statistics, the attention softmax, the timestep MLP and the output head stay flo
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any, Sequence
@@ -37,36 +38,126 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
 
 
 class GroupNorm(nn.Module):
-  """GroupNorm of x (B, ..., C), computed and returned in float32.
+  """GroupNorm of x (B, ..., C) in float32, optionally followed by a per-example affine
+  (`scale_shift`, the ResBlock's timestep modulation) and SiLU; see `group_norm`.
 
   The parameters ("scale", "bias", shape (C,)) and the arithmetic are flax's GroupNorm
-  with the two-pass variance (PyTorch's): statistics per group over the spatial axes
-  and the group's channels. They are taken per channel first and then averaged within
-  each group, so every pass over the activations keeps the channel axis minor; flax's
-  reshape to (..., groups, C/groups) leaves a minor axis of 2–6, which XLA:CPU cannot
-  vectorise (fwd+bwd 2–3× slower; PERF_NOTES.md, 2026-11-27 session 7).
+  with the two-pass variance (PyTorch's). Returns float32.
   """
   num_groups: int = 32
   epsilon: float = 1e-5
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, scale_shift=None, silu: bool = False):
     c = x.shape[-1]
     if c % self.num_groups:
       raise ValueError(f"GroupNorm: {c} channels do not divide into {self.num_groups} groups.")
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    x = x.astype(jnp.float32)
+    return group_norm(x, scale, bias, self.num_groups, self.epsilon, scale_shift, silu)
+
+
+def group_norm(x, scale, bias, num_groups: int, epsilon: float, scale_shift=None,
+               silu: bool = False):
+  """y = GroupNorm(x)·scale + bias, then ·(1 + s) + t with (s, t) = scale_shift, then
+  SiLU when `silu`; float32 (B, ..., C) out.
+
+  x: (B, ..., C), any float dtype. scale, bias: (C,). scale_shift: None or a pair of
+  (B, C) arrays. Statistics are taken per group over the spatial axes and the group's
+  channels (per channel first, then averaged within each group, so every pass over the
+  activations keeps the channel axis minor; flax's reshape to (..., groups, C/groups)
+  leaves a minor axis of 2–6 that XLA:CPU cannot vectorise).
+
+  The backward pass is written out (`jax.custom_vjp`): two passes over (x, dy), one
+  reducing Σdz and Σdz·(x − mean) per example and channel, one writing dx. Left to
+  autodiff, XLA:CPU recomputed the normalisation inside many of the backward's fusions
+  (PERF_NOTES.md, 2026-11-27 session 8: the train step +8.7%).
+  """
+  b, c = x.shape[0], x.shape[-1]
+  if scale_shift is None:
+    ones = jnp.ones((b, c), jnp.float32)
+    scale_shift = (jnp.zeros_like(ones), jnp.zeros_like(ones))
+  s, t = (a.astype(jnp.float32).reshape(b, c) for a in scale_shift)
+  return _group_norm_fn(num_groups, epsilon, silu)(x, scale.astype(jnp.float32),
+                                                   bias.astype(jnp.float32), s, t)
+
+
+def _per_channel(x, coefficient):
+  """(B, C) coefficients broadcast against x (B, ..., C)."""
+  return coefficient.reshape((x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],))
+
+
+def _group_average(per_channel, num_groups: int):
+  """(B, C) -> each channel's group average, (B, C).
+
+  A product with a constant (C, C) averaging matrix rather than a reshape and repeat:
+  fused into the full-size loops that consume it, the repeat's index arithmetic kept
+  XLA:CPU from vectorising them; a dot's result is materialised.
+  """
+  c = per_channel.shape[-1]
+  group = jnp.arange(c) // (c // num_groups)
+  averaging = (group[:, None] == group[None, :]).astype(jnp.float32) / (c // num_groups)
+  return jnp.dot(per_channel, averaging, precision=jax.lax.Precision.HIGHEST)
+
+
+@functools.cache
+def _group_norm_fn(num_groups: int, epsilon: float, silu: bool):
+  """The custom-VJP function (x, scale, bias, s, t) -> y for one (groups, eps, silu)."""
+
+  def statistics(x):
     spatial = tuple(range(1, x.ndim - 1))
-    per_channel = (x.shape[0],) + (1,) * len(spatial) + (c,)
+    mean = _group_average(jnp.mean(x, axis=spatial), num_groups)
+    centred = x - _per_channel(x, mean)
+    var = _group_average(jnp.mean(centred * centred, axis=spatial), num_groups)
+    return mean, jax.lax.rsqrt(var + epsilon)
 
-    def group_mean(per_channel_mean):  # (B, C) -> each group's mean, repeated per channel
-      g = per_channel_mean.reshape(x.shape[0], self.num_groups, c // self.num_groups)
-      return jnp.repeat(g.mean(-1), c // self.num_groups, axis=-1).reshape(per_channel)
+  def coefficients(rstd, scale, bias, s, t):
+    """z = (x − mean)·a + c with (B, C) a = rstd·gain, gain = scale·(1+s), c = bias·(1+s) + t."""
+    gain = scale * (1 + s)
+    return rstd * gain, bias * (1 + s) + t, gain
 
-    centred = x - group_mean(jnp.mean(x, axis=spatial))
-    var = group_mean(jnp.mean(centred * centred, axis=spatial))
-    return centred * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+  def forward(x, scale, bias, s, t):
+    x = x.astype(jnp.float32)
+    mean, rstd = statistics(x)
+    a, c, _ = coefficients(rstd, scale, bias, s, t)
+    z = (x - _per_channel(x, mean)) * _per_channel(x, a) + _per_channel(x, c)
+    return (z * jax.nn.sigmoid(z) if silu else z), (mean, rstd)
+
+  @jax.custom_vjp
+  def fn(x, scale, bias, s, t):
+    return forward(x, scale, bias, s, t)[0]
+
+  def fwd(x, scale, bias, s, t):
+    y, (mean, rstd) = forward(x, scale, bias, s, t)
+    return y, (x, mean, rstd, scale, bias, s, t)
+
+  def bwd(res, dy):
+    x_in, mean, rstd, scale, bias, s, t = res
+    x = x_in.astype(jnp.float32)
+    a, c, gain = coefficients(rstd, scale, bias, s, t)
+    centred = x - _per_channel(x, mean)
+    dz = dy.astype(jnp.float32)
+    if silu:
+      z = centred * _per_channel(x, a) + _per_channel(x, c)
+      sig = jax.nn.sigmoid(z)
+      dz = dz * sig * (1 + z * (1 - sig))
+    spatial = tuple(range(1, x.ndim - 1))
+    sum_dz = jnp.sum(dz, axis=spatial)                       # (B, C)
+    sum_dz_xhat = jnp.sum(dz * centred, axis=spatial) * rstd  # (B, C): Σ dz·x̂
+    count = math.prod(x.shape[1:-1])
+    # dx̂ = dz·gain; dx = rstd·(dx̂ − mean_g(dx̂) − x̂·mean_g(dx̂·x̂)), group means over the
+    # spatial axes and the group's channels.
+    m1 = _group_average(gain * sum_dz, num_groups) / count
+    m2 = _group_average(gain * sum_dz_xhat, num_groups) / count
+    dx = (dz * _per_channel(x, a) - centred * _per_channel(x, rstd * rstd * m2)
+          - _per_channel(x, rstd * m1))
+    d_scale = jnp.sum(sum_dz_xhat * (1 + s), axis=0)
+    d_bias = jnp.sum(sum_dz * (1 + s), axis=0)
+    d_s = sum_dz_xhat * scale + sum_dz * bias
+    return dx.astype(x_in.dtype), d_scale, d_bias, d_s, sum_dz
+
+  fn.defvjp(fwd, bwd)
+  return fn
 
 
 def _norm(name: str) -> nn.Module:
@@ -74,8 +165,8 @@ def _norm(name: str) -> nn.Module:
   return GroupNorm(num_groups=32, epsilon=1e-5, name=name)
 
 
-def _group_norm(module: nn.Module, x):
-  return module(x).astype(x.dtype)
+def _group_norm(module: nn.Module, x, scale_shift=None, silu: bool = False):
+  return module(x, scale_shift, silu).astype(x.dtype)
 
 
 def _conv(features: int, name: str, dtype: Dtype, kernel: int = 3, stride: int = 1,
@@ -147,7 +238,7 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, emb):
-    h = nn.silu(_group_norm(_norm("in_layers.0"), x))
+    h = _group_norm(_norm("in_layers.0"), x, silu=True)
     if self.up:
       h, x = upsample_nearest(h), upsample_nearest(x)
     elif self.down:
@@ -155,14 +246,12 @@ class ResBlock(nn.Module):
     h = _conv(self.out_channels, "in_layers.2", self.dtype)(h)
     emb_out = _dense(2 * self.out_channels if self.use_scale_shift_norm else self.out_channels,
                      "emb_layers.1", self.dtype)(nn.silu(emb)).astype(h.dtype)
-    emb_out = emb_out[:, None, None, :]
     out_norm = _norm("out_layers.0")
     if self.use_scale_shift_norm:
-      scale, shift = jnp.split(emb_out, 2, axis=-1)
-      h = _group_norm(out_norm, h) * (1 + scale) + shift
+      h = _group_norm(out_norm, h, scale_shift=jnp.split(emb_out, 2, axis=-1), silu=True)
     else:
-      h = _group_norm(out_norm, h + emb_out)
-    h = nn.Dropout(self.dropout, deterministic=self.deterministic)(nn.silu(h))
+      h = _group_norm(out_norm, h + emb_out[:, None, None, :], silu=True)
+    h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
     h = _conv(self.out_channels, "out_layers.3", self.dtype, zero=True)(h)
     if x.shape[-1] != self.out_channels:
       x = _conv(self.out_channels, "skip_connection", self.dtype, kernel=1)(x)
@@ -330,7 +419,7 @@ class UNetModel(nn.Module):
         block += 1
 
     h = h.astype(jnp.float32)
-    h = nn.silu(_group_norm(_norm("out.0"), h))
+    h = _group_norm(_norm("out.0"), h, silu=True)
     return _conv(self.out_channels, "out.2", jnp.float32, zero=True)(h)
 
 
