@@ -163,6 +163,19 @@ def _quarter_stats(t, per_example_loss, num_timesteps):
   return onehot.T @ per_example_loss, onehot.sum(0)
 
 
+def _next_learning_rate(schedule, opt_state) -> jax.Array:
+  """The learning rate the optimizer's next update applies: `schedule` at the count of
+  its ScaleByScheduleState (the committed steps, which lags state.step after dropped
+  steps and restarts at 0 for converted checkpoints)."""
+  is_schedule = lambda s: isinstance(s, optax.ScaleByScheduleState)
+  states = [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=is_schedule)
+            if is_schedule(s)]
+  if len(states) != 1:
+    raise ValueError(f"Expected one learning-rate schedule in the optimizer state; found "
+                     f"{len(states)} (config_lib.build_optimizer builds one).")
+  return jnp.asarray(schedule(states[0].count), jnp.float32)
+
+
 def make_train_step(components: config_lib.Components, settings: config_lib.TrainSettings):
   """The pure step (state, batch) -> (state, metrics); `jit_train_step` compiles it.
 
@@ -218,11 +231,16 @@ def make_train_step(components: config_lib.Components, settings: config_lib.Trai
 
     grads, weight_grads = grads
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    # AdamW's update is finite whenever the gradients, the (committed, so finite) state and
+    # the learning rate are, so those are checked instead of the update itself.
     finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-              & jnp.isfinite(optax.tree.norm(updates)))
+              & jnp.isfinite(_next_learning_rate(schedule, state.opt_state)))
 
     def apply(state):
+      # The update is computed inside the branch: computed outside and passed in, it and
+      # the new moments were materialised, and the optimizer step took 4× as long
+      # (PERF_NOTES.md, 2026-11-27 session 8).
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       ema = [jax.tree_util.tree_map(lambda e, p, r=r: r * e + (1 - r) * p, e_params, params)
              for r, e_params in zip(rates, state.ema_params)]

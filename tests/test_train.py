@@ -10,6 +10,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from diffusion_jax import checkpoints, config_lib, input_pipeline, paths, reporting, train
@@ -226,6 +227,29 @@ def test_nan_guard(tmp_path, monkeypatch, caplog):
   assert "dropped 4 of 4 steps" in caplog.text
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
 
+
+
+def test_nan_guard_checks_the_learning_rate_of_committed_steps():
+  """The guard asks for the learning rate at the optimizer's own count (committed steps):
+  a schedule that turns NaN from count 2 commits two steps and drops the rest."""
+  config = tiny_config.get_config()
+  schedule = lambda count: jnp.where(count >= 2, jnp.nan, 1e-3).astype(jnp.float32)
+  components = config_lib.build(config)
+  tx = optax.adamw(schedule, b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps,
+                   weight_decay=config.optim.weight_decay)
+  components = components._replace(tx=tx)
+  settings = config_lib.train_settings(config)._replace(learning_rate=schedule)
+  mesh = train.make_mesh(config)
+  state, shardings = train.create_train_state(components, settings, mesh)
+  step = train.jit_train_step(components, settings, mesh, shardings)
+  batch = next(input_pipeline.create_iterator(config.data, 0))
+  finite = []
+  for _ in range(4):
+    state, metrics = step(state, batch)
+    finite.append(float(metrics["finite"]))
+  assert finite == [1.0, 1.0, 0.0, 0.0]
+  assert int(state.step) == 4 and int(state.nonfinite_steps) == 2
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
 
 # ---------- multi-device and process-level behaviour (subprocesses) ----------
 
