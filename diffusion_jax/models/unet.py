@@ -3,8 +3,9 @@
 Submodules are named by their PyTorch module path ("input_blocks.1.0", "in_layers.2",
 ...), so a Flax parameter path joined with "." is the PyTorch state_dict key minus the
 leaf name; `diffusion_jax.convert` relies on this. Parameters are float32; `dtype`
-sets the compute precision of convolutions and dense layers, while GroupNorm
-statistics, the attention softmax, the timestep MLP and the output head stay float32.
+sets the compute precision of convolutions and dense layers, while GroupNorm (with the
+ResBlocks' scale-shift and SiLU), the attention softmax, the timestep MLP and the output
+head stay float32.
 """
 from __future__ import annotations
 
