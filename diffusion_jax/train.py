@@ -172,7 +172,8 @@ def _next_learning_rate(schedule, opt_state) -> jax.Array:
             if is_schedule(s)]
   if len(states) != 1:
     raise ValueError(f"Expected one learning-rate schedule in the optimizer state; found "
-                     f"{len(states)} (config_lib.build_optimizer builds one).")
+                     f"{len(states)}. Build the optimizer as config_lib.build_optimizer "
+                     "does, with a schedule (e.g. optax.adamw(optax.constant_schedule(lr))).")
   return jnp.asarray(schedule(states[0].count), jnp.float32)
 
 
