@@ -251,6 +251,18 @@ def test_nan_guard_checks_the_learning_rate_of_committed_steps():
   assert int(state.step) == 4 and int(state.nonfinite_steps) == 2
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
 
+
+def test_optimizer_without_a_schedule_is_refused_with_the_fix():
+  config = tiny_config.get_config()
+  components = config_lib.build(config)._replace(tx=optax.adamw(1e-3))
+  settings = config_lib.train_settings(config)
+  mesh = train.make_mesh(config)
+  state, shardings = train.create_train_state(components, settings, mesh)
+  step = train.jit_train_step(components, settings, mesh, shardings)
+  batch = next(input_pipeline.create_iterator(config.data, 0))
+  with pytest.raises(ValueError, match=r"found 0\. .*optax\.constant_schedule"):
+    step(state, batch)
+
 # ---------- multi-device and process-level behaviour (subprocesses) ----------
 
 @pytest.mark.slow  # two compiles in a subprocess with 8 devices (~40 s)
