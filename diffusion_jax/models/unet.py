@@ -76,8 +76,8 @@ def group_norm(x, scale, bias, num_groups: int, epsilon: float, scale_shift=None
   """
   b, c = x.shape[0], x.shape[-1]
   if scale_shift is None:
-    ones = jnp.ones((b, c), jnp.float32)
-    scale_shift = (jnp.zeros_like(ones), jnp.zeros_like(ones))
+    zeros = jnp.zeros((b, c), jnp.float32)
+    scale_shift = (zeros, zeros)
   s, t = (a.astype(jnp.float32).reshape(b, c) for a in scale_shift)
   return _group_norm_fn(num_groups, epsilon, silu)(x, scale.astype(jnp.float32),
                                                    bias.astype(jnp.float32), s, t)
