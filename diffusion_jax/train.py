@@ -47,7 +47,7 @@ class TrainState:
   with weighting="learned" the u-network's params and Adam state under
   learned_weighting.STATE_KEY (kept here so that other runs' checkpoints keep their
   structure). nonfinite_steps: int32 count
-  of steps whose update was dropped for a NaN/Inf loss or gradient.
+  of steps whose update was dropped for a NaN/Inf loss, gradient or learning rate.
   """
   step: jax.Array
   params: Any
@@ -59,7 +59,7 @@ class TrainState:
 
 
 class NonFiniteLossError(RuntimeError):
-  """A NaN/Inf loss or update under train.nan_policy="halt"."""
+  """A NaN/Inf loss, gradient or learning rate under train.nan_policy="halt"."""
 
 
 def make_mesh(config, devices=None) -> Mesh:

@@ -228,21 +228,24 @@ def test_nan_guard(tmp_path, monkeypatch, caplog):
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
 
 
+def _compiled_step_with(tx, schedule=None):
+  """The tiny config's state, compiled step and first batch, with optimizer `tx`."""
+  config = tiny_config.get_config()
+  components = config_lib.build(config)._replace(tx=tx)
+  settings = config_lib.train_settings(config)
+  if schedule is not None:
+    settings = settings._replace(learning_rate=schedule)
+  mesh = train.make_mesh(config)
+  state, shardings = train.create_train_state(components, settings, mesh)
+  step = train.jit_train_step(components, settings, mesh, shardings)
+  return state, step, next(input_pipeline.create_iterator(config.data, 0))
+
 
 def test_nan_guard_checks_the_learning_rate_of_committed_steps():
   """The guard asks for the learning rate at the optimizer's own count (committed steps):
   a schedule that turns NaN from count 2 commits two steps and drops the rest."""
-  config = tiny_config.get_config()
   schedule = lambda count: jnp.where(count >= 2, jnp.nan, 1e-3).astype(jnp.float32)
-  components = config_lib.build(config)
-  tx = optax.adamw(schedule, b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps,
-                   weight_decay=config.optim.weight_decay)
-  components = components._replace(tx=tx)
-  settings = config_lib.train_settings(config)._replace(learning_rate=schedule)
-  mesh = train.make_mesh(config)
-  state, shardings = train.create_train_state(components, settings, mesh)
-  step = train.jit_train_step(components, settings, mesh, shardings)
-  batch = next(input_pipeline.create_iterator(config.data, 0))
+  state, step, batch = _compiled_step_with(optax.adamw(schedule), schedule)
   finite = []
   for _ in range(4):
     state, metrics = step(state, batch)
@@ -253,15 +256,10 @@ def test_nan_guard_checks_the_learning_rate_of_committed_steps():
 
 
 def test_optimizer_without_a_schedule_is_refused_with_the_fix():
-  config = tiny_config.get_config()
-  components = config_lib.build(config)._replace(tx=optax.adamw(1e-3))
-  settings = config_lib.train_settings(config)
-  mesh = train.make_mesh(config)
-  state, shardings = train.create_train_state(components, settings, mesh)
-  step = train.jit_train_step(components, settings, mesh, shardings)
-  batch = next(input_pipeline.create_iterator(config.data, 0))
+  state, step, batch = _compiled_step_with(optax.adamw(1e-3))
   with pytest.raises(ValueError, match=r"found 0\. .*optax\.constant_schedule"):
     step(state, batch)
+
 
 # ---------- multi-device and process-level behaviour (subprocesses) ----------
 
