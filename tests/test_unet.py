@@ -148,6 +148,53 @@ def test_attention_against_numpy(new_order):
   np.testing.assert_allclose(got, want.transpose(0, 2, 1), rtol=1e-5, atol=1e-6)
 
 
+
+def _torch_attention(qkv_nct, heads, new_order):
+  """guided-diffusion's QKVAttention(Legacy) arithmetic in torch, (N, 3·H·C, T)."""
+  n, width, length = qkv_nct.shape
+  ch = width // (3 * heads)
+  if new_order:
+    q, k, v = (a.reshape(n * heads, ch, length) for a in qkv_nct.chunk(3, dim=1))
+  else:
+    q, k, v = qkv_nct.reshape(n * heads, 3 * ch, length).split(ch, dim=1)
+  scale = 1 / ch ** 0.25
+  w = (q * scale).transpose(1, 2).bmm(k * scale).softmax(dim=-1)
+  return v.bmm(w.transpose(1, 2)).reshape(n, heads * ch, length)
+
+
+@pytest.mark.parametrize("new_order", [False, True])
+def test_attention_gradients_match_torch(new_order):
+  """The written-out backward of `softmax_attention` against torch's autograd in
+  float64, through qkv_attention's head split; logits large enough that the max
+  subtraction matters."""
+  torch = pytest.importorskip("torch")  # the oracle; installed with the test requirements
+  rng = np.random.default_rng(2)
+  qkv = rng.normal(0.0, 3.0, size=(2, 24, 3 * 4 * 8)).astype(np.float32)  # (B, T, 3·H·C)
+  g = rng.normal(size=(2, 24, 4 * 8)).astype(np.float32)
+  out, grad = jax.value_and_grad(
+      lambda a: jnp.sum(unet.qkv_attention(a, 4, new_order) * g))(jnp.asarray(qkv))
+  tq = torch.tensor(qkv.transpose(0, 2, 1), dtype=torch.float64, requires_grad=True)
+  t_out = (_torch_attention(tq, 4, new_order)
+           * torch.tensor(g.transpose(0, 2, 1), dtype=torch.float64)).sum()
+  t_out.backward()
+  np.testing.assert_allclose(out, t_out.item(), rtol=1e-5)
+  np.testing.assert_allclose(grad, tq.grad.numpy().transpose(0, 2, 1), rtol=1e-4, atol=1e-5)
+
+
+def test_attention_in_bfloat16_keeps_dtypes_and_stays_close():
+  """bf16 q, k, v: outputs and cotangents stay bf16 and near the float32 result."""
+  rng = np.random.default_rng(3)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 4, 16, 8)).astype(np.float32)) for _ in range(3))
+  loss = lambda *a: jnp.sum(unet.softmax_attention(*a).astype(jnp.float32) ** 2)
+  out16 = unet.softmax_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)))
+  grads16 = jax.grad(loss, argnums=(0, 1, 2))(*(a.astype(jnp.bfloat16) for a in (q, k, v)))
+  grads32 = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  assert out16.dtype == jnp.bfloat16
+  for g16, g32 in zip(grads16, grads32):
+    assert g16.dtype == jnp.bfloat16
+    rel = float(jnp.linalg.norm(g16.astype(jnp.float32) - g32) / jnp.linalg.norm(g32))
+    assert rel < 3e-2
+
 # ---------- the whole network against a numpy forward over the PyTorch state_dict ----------
 
 def _np_conv(x, w, b, stride=1):

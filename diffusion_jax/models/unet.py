@@ -269,8 +269,8 @@ def qkv_attention(qkv: jax.Array, num_heads: int, new_order: bool,
   Channel layout of qkv follows guided-diffusion: the legacy order interleaves per
   head [q_h, k_h, v_h]; the new order is [q (all heads), k, v]. impl="einsum" scales
   the logits by 1/√d as two factors d^(−1/4) on q and k, like the reference, softmax in
-  float32; impl="fused" calls `jax.nn.dot_product_attention` (cuDNN's fused kernel on
-  GPUs where it applies), equal up to float rounding.
+  float32 (`softmax_attention`); impl="fused" calls `jax.nn.dot_product_attention`
+  (cuDNN's fused kernel on GPUs where it applies), equal up to float rounding.
   """
   b, t, width = qkv.shape
   ch = width // (3 * num_heads)
@@ -281,9 +281,49 @@ def qkv_attention(qkv: jax.Array, num_heads: int, new_order: bool,
   if impl == "fused":
     return jax.nn.dot_product_attention(q, k, v).reshape(b, t, num_heads * ch)
   scale = 1.0 / math.sqrt(math.sqrt(ch))
-  logits = jnp.einsum("bthc,bshc->bhts", q * scale, k * scale)
-  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(qkv.dtype)
-  return jnp.einsum("bhts,bshc->bthc", weights, v).reshape(b, t, num_heads * ch)
+  heads_major = lambda a: jnp.swapaxes(a, 1, 2)  # (B, T, H, C) <-> (B, H, T, C)
+  out = softmax_attention(heads_major(q * scale), heads_major(k * scale), heads_major(v))
+  return heads_major(out).reshape(b, t, num_heads * ch)
+
+
+@jax.custom_vjp
+def softmax_attention(q, k, v):
+  """softmax(q·kᵀ)·v over (B, H, T, C) arrays, the logits and softmax in float32.
+
+  Normalises after the product with v, and its backward uses rowsum(dout·out) for the
+  softmax's Σ p·dp, so no (T, T) reduction or broadcast is materialised beyond the
+  unnormalised weights; XLA:CPU's library fusions ran the autodiff of the plain
+  formula 4× slower forward and 1.3× slower forward + backward (PERF_NOTES.md).
+  """
+  return _softmax_attention_fwd(q, k, v)[0]
+
+
+def _softmax_attention_fwd(q, k, v):
+  logits = jnp.einsum("bhtc,bhsc->bhts", q, k).astype(jnp.float32)
+  weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # unnormalised
+  total = jnp.sum(weights, axis=-1, keepdims=True)                     # (B, H, T, 1)
+  out = jnp.einsum("bhts,bhsc->bhtc", weights.astype(v.dtype), v).astype(jnp.float32)
+  out = (out / total).astype(v.dtype)
+  return out, (q, k, v, weights, total, out)
+
+
+def _softmax_attention_bwd(res, d_out):
+  q, k, v, weights, total, out = res
+  d_out32 = d_out.astype(jnp.float32)
+  # Σ_s p·dp = Σ_c d_out·out per query (p = weights / total, dp = d_out·vᵀ).
+  p_dot_dp = jnp.sum(d_out32 * out.astype(jnp.float32), axis=-1, keepdims=True)
+  d_probs = jnp.einsum("bhtc,bhsc->bhts", d_out, v).astype(jnp.float32)
+  d_logits = (weights * ((d_probs - p_dot_dp) / total)).astype(q.dtype)
+  # Contracting over the query axis as (C, T)·(T, S) keeps the (T, S) operand in its
+  # row-major layout; the (S, C) results are transposed back, which is cheap.
+  d_v = jnp.einsum("bhtc,bhts->bhcs", (d_out32 / total).astype(v.dtype),
+                   weights.astype(v.dtype))
+  d_k = jnp.einsum("bhtc,bhts->bhcs", q, d_logits)
+  d_q = jnp.einsum("bhts,bhsc->bhtc", d_logits, k)
+  return d_q, jnp.swapaxes(d_k, -1, -2).astype(k.dtype), jnp.swapaxes(d_v, -1, -2)
+
+
+softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 class AttentionBlock(nn.Module):
