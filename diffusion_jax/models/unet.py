@@ -288,12 +288,14 @@ def qkv_attention(qkv: jax.Array, num_heads: int, new_order: bool,
 
 @jax.custom_vjp
 def softmax_attention(q, k, v):
-  """softmax(q·kᵀ)·v over (B, H, T, C) arrays, the logits and softmax in float32.
+  """softmax(q·kᵀ)·v: q, k, v (B, H, T, C) of one float dtype, q and k already scaled;
+  returns (B, H, T, C) in that dtype, the logits and softmax in float32.
 
   Normalises after the product with v, and its backward uses rowsum(dout·out) for the
   softmax's Σ p·dp, so no (T, T) reduction or broadcast is materialised beyond the
   unnormalised weights; XLA:CPU's library fusions ran the autodiff of the plain
-  formula 4× slower forward and 1.3× slower forward + backward (PERF_NOTES.md).
+  formula 4–14× slower forward and 1.3× slower forward + backward (PERF_NOTES.md,
+  session 9).
   """
   return _softmax_attention_fwd(q, k, v)[0]
 
