@@ -35,6 +35,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from diffusion_jax import allocator
 from diffusion_jax import config_lib
 from diffusion_jax import distributed
 from diffusion_jax import models
@@ -143,6 +144,7 @@ def benchmark(config, runs: int = 10, warmup: int = 2) -> dict:
   stats = device.memory_stats() or {}
   result = {
       "device": f"{jax.device_count()}× {device.device_kind}",
+      "host_allocator": allocator.in_use(),
       "batch_size": bsz,
       "compute_dtype": config.train.compute_dtype,
       "fsdp": config.train.fsdp,
@@ -168,7 +170,9 @@ def side_by_side(ours_cmd: list[str], baseline_cmd: list[str], runs: int) -> dic
   train images/s per run, their medians and the ratio ours ÷ official.
 
   ours_cmd must accept `--json=FILE` (diffusion_jax.bench); baseline_cmd prints a JSON
-  line with "images_per_s" last (../shared/baseline/run_ref_step.sh).
+  line with "images_per_s" last (../shared/baseline/run_ref_step.sh). The baseline runs
+  in the environment its own users have: without the tcmalloc that our entry points
+  preload (`allocator.environment_for_other_programs`).
   """
   ours, theirs = [], []
   with tempfile.TemporaryDirectory() as tmp:
@@ -179,7 +183,8 @@ def side_by_side(ours_cmd: list[str], baseline_cmd: list[str], runs: int) -> dic
         raise RuntimeError(f"{' '.join(ours_cmd)} failed:\n{done.stderr[-2000:]}")
       with open(out, encoding="utf-8") as f:
         ours.append(json.load(f)["train_images_per_s"])
-      done = subprocess.run(baseline_cmd, capture_output=True, text=True)
+      done = subprocess.run(baseline_cmd, capture_output=True, text=True,
+                            env=allocator.environment_for_other_programs(os.environ))
       if done.returncode:
         raise RuntimeError(f"{' '.join(baseline_cmd)} failed:\n{done.stderr[-2000:]}")
       theirs.append(json.loads(done.stdout.strip().splitlines()[-1])["images_per_s"])
@@ -253,5 +258,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  allocator.use_tcmalloc()
   flags.mark_flags_as_required(["config"])
   app.run(main)

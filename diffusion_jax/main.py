@@ -140,7 +140,10 @@ def _parse_flags(argv):
 
 
 def run():
-  """Console-script entry point (`diffusion-jax`)."""
+  """Console-script entry point (`diffusion-jax`); runs under tcmalloc where installed
+  (`diffusion_jax.allocator`)."""
+  from diffusion_jax import allocator  # pylint: disable=import-outside-toplevel
+  allocator.use_tcmalloc()
   app.run(main, flags_parser=_parse_flags)
 
 

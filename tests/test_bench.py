@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from diffusion_jax import allocator
 from diffusion_jax import bench
 from tests import tiny_config
 
@@ -16,6 +17,7 @@ def test_benchmark_reports_every_key():
               "peak_host_memory_gb", "train_tflops_per_s", "state_bytes_per_device"):
     assert result[key] > 0, key
   assert result["device"].endswith("cpu") or "cpu" in result["device"].lower()
+  assert result["host_allocator"] in ("tcmalloc", "system")
 
 
 @pytest.mark.slow  # a subprocess that compiles the step (~30 s)
@@ -29,21 +31,23 @@ def test_bench_cli_writes_json(tmp_path):
   assert json.loads(out.read_text())["batch_size"] == 8
 
 
-def test_side_by_side_alternates_processes_and_takes_medians(tmp_path):
+def test_side_by_side_alternates_processes_and_takes_medians(tmp_path, monkeypatch):
   log = tmp_path / "order.txt"
+  # As under `allocator.use_tcmalloc`: ours inherit it, the official code does not.
+  monkeypatch.setenv(allocator.ENV, "tcmalloc")
   ours = [sys.executable, "-c", (
-      "import json, sys\n"
-      f"open({str(log)!r}, 'a').write('ours\\n')\n"
+      "import json, os, sys\n"
+      f"open({str(log)!r}, 'a').write('ours ' + str(os.environ.get({allocator.ENV!r})) + '\\n')\n"
       f"n = sum(1 for line in open({str(log)!r}) if line.startswith('ours'))\n"
       "out = [a for a in sys.argv if a.startswith('--json=')][0][7:]\n"
       "json.dump({'train_images_per_s': [0, 10.0, 50.0, 20.0, 5.0][n]}, open(out, 'w'))")]
   official = [sys.executable, "-c", (
-      "import json\n"
-      f"open({str(log)!r}, 'a').write('official\\n')\n"
+      "import json, os\n"
+      f"open({str(log)!r}, 'a').write('official ' + str(os.environ.get({allocator.ENV!r})) + '\\n')\n"
       "print('building...')\n"
       "print(json.dumps({'images_per_s': 10.0}))")]
   result = bench.side_by_side(ours, official, runs=3)
-  assert log.read_text().split() == ["ours", "official"] * 3
+  assert log.read_text().splitlines() == ["ours tcmalloc", "official None"] * 3
   assert result["ours_images_per_s"] == [10.0, 50.0, 20.0]
   assert result["ours_median"] == 20.0 and result["official_median"] == 10.0
   assert result["ratio"] == 2.0
