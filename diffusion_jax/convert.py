@@ -19,6 +19,7 @@ import os
 import re
 import struct
 import zipfile
+import zlib
 from typing import Mapping
 
 import jax
@@ -140,13 +141,14 @@ _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
                        "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
+def read_safetensors(path: str, max_bytes: int | None = None) -> dict[str, np.ndarray]:
   """Tensors of a .safetensors file (a JSON header and raw little-endian buffers).
 
   Every header entry is checked against the file: known dtype, non-negative shape,
   offsets inside the data and exactly shape × itemsize bytes; anything else is a
-  ValueError naming the file and the tensor.
+  ValueError naming the file and the tensor. A file over `max_bytes` is refused unread.
   """
+  _check_file_size(path, max_bytes)
   data = paths.read_bytes(path)
   if len(data) < 8:
     raise ValueError(f"{path} is too short to be a safetensors file.")
@@ -156,8 +158,8 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
                      f"{len(data) - 8}; the file is truncated or not safetensors.")
   try:
     header = json.loads(data[8:8 + header_len])
-  except ValueError as e:
-    raise ValueError(f"{path} has no valid safetensors header: {e}") from None
+  except (ValueError, RecursionError) as e:
+    raise ValueError(f"{path} has no valid safetensors header: {type(e).__name__}") from None
   if not isinstance(header, dict):
     raise ValueError(f"{path}: the safetensors header is not a JSON object.")
   base = 8 + header_len
@@ -173,6 +175,17 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
                         dtype=np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<"))
     out[name] = arr.reshape(info["shape"]).astype(arr.dtype.newbyteorder("="))
   return out
+
+
+def _check_file_size(path: str, max_bytes: int | None) -> None:
+  if max_bytes is None:
+    return
+  size = paths.path(path).stat().length
+  if size > max_bytes:
+    raise ValueError(f"{path} is {size:,} bytes, more than the {max_bytes:,} that the "
+                     "model's weights can take in float64; it holds more than this "
+                     "model's state_dict. Check the model config, or save only "
+                     "model.state_dict().")
 
 
 def _safetensors_entry_problem(info, data_len: int) -> str | None:
@@ -208,33 +221,59 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], path: str) -> None:
   paths.write_bytes(path, struct.pack("<Q", len(head)) + head + b"".join(blobs))
 
 
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
+def max_elements(model) -> int:
+  """How many tensor elements a file for `model` may hold: its state_dict's, plus 1% and
+  a few thousand for slack. Readers refuse more before reading it."""
+  total = sum(int(np.prod(shape, dtype=np.int64)) for shape in expected_torch_shapes(model).values())
+  return total + total // 100 + 4096
+
+
+def read_state_dict(path: str, max_elements: int | None = None) -> dict[str, np.ndarray]:
   """A state_dict of float32 numpy arrays from .pt/.pth (torch zip format, read by a
-  restricted unpickler), .safetensors or .npz."""
+  restricted unpickler), .safetensors or .npz.
+
+  max_elements: bounds the file before it is read (see `max_elements(model)`); .pt
+  storages may declare no more elements in all, other formats hold at most that many
+  float64 values.
+  """
   if not paths.exists(path):
     raise FileNotFoundError(f"No checkpoint file at {path}.")
   ext = os.path.splitext(path)[1].lower()
+  max_bytes = None if max_elements is None else 8 * max_elements + (1 << 20)
   if ext == ".safetensors":
-    return read_safetensors(path)
-  if ext == ".npz":
+    sd = read_safetensors(path, max_bytes)
+  elif ext == ".npz":
+    _check_file_size(path, max_bytes)
     try:
-      return paths.load_npz(path)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+      sd = paths.load_npz(path, max_bytes)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
       raise ValueError(f"{path} is not a readable .npz ({type(e).__name__}: {e}).") from None
-  if ext in (".pt", ".pth", ".bin", ".ckpt"):
-    sd = torch_archive.load(path)  # restricted unpickler: arrays only, no torch needed
+  elif ext in (".pt", ".pth", ".bin", ".ckpt"):
+    # restricted unpickler: arrays only, no torch needed
+    sd = torch_archive.load(path, **({} if max_elements is None
+                                     else {"max_elements": max_elements}))
     if not isinstance(sd, Mapping) or not all(isinstance(v, np.ndarray) for v in sd.values()):
       raise ValueError(f"{path} holds a {type(sd).__name__} that is not a flat state_dict "
                        "of tensors; save model.state_dict() instead.")
-    return {k: np.asarray(v, np.float32) for k, v in sd.items()}
-  raise ValueError(f"Unsupported checkpoint format {ext!r} for {path}; use .pt, "
-                   ".safetensors or .npz.")
+  else:
+    raise ValueError(f"Unsupported checkpoint format {ext!r} for {path}; use .pt, "
+                     ".safetensors or .npz.")
+  odd = [k for k in sd if not isinstance(k, str)]
+  if odd:
+    raise ValueError(f"{path}: a state_dict's keys are strings, but it has "
+                     f"{type(odd[0]).__name__} key {odd[0]!r}; save model.state_dict().")
+  return {k: np.asarray(v, np.float32) for k, v in sd.items()}
 
 
 def step_from_filename(path: str) -> int:
   """The training step in names like ema_0.9999_500000.pt (0 when there is none)."""
   m = re.search(r"(\d+)\.(pt|pth|safetensors|npz)$", os.path.basename(path))
-  return int(m.group(1)) if m and "." not in m.group(1) else 0
+  step = int(m.group(1)) if m else 0
+  if step > np.iinfo(np.int32).max:
+    raise ValueError(f"{path} names step {step}, more than a checkpoint step can hold "
+                     f"({np.iinfo(np.int32).max}); rename the file (the step comes from "
+                     "the digits before the extension).")
+  return step
 
 
 def convert_checkpoint(path: str, config, workdir: str) -> int:
@@ -247,13 +286,14 @@ def convert_checkpoint(path: str, config, workdir: str) -> int:
   from diffusion_jax import checkpoints, config_lib, train  # pylint: disable=import-outside-toplevel
   config_lib.validate_config(config)
   if checkpoints.checkpoint_steps(workdir):
-    raise FileExistsError(f"{workdir} already holds checkpoints; convert into a new workdir.")
+    raise FileExistsError(f"{workdir} already holds checkpoints; convert into a new "
+                          "--workdir (nothing was changed).")
+  step = step_from_filename(path)
   components = config_lib.build(config)
   model, tx = components.model, components.tx
-  params = torch_to_flax(read_state_dict(path), model)
+  params = torch_to_flax(read_state_dict(path, max_elements(model)), model)
   state = train.init_state(components, config_lib.train_settings(config),
                            jax.random.PRNGKey(0))
-  step = step_from_filename(path)
   state = state.replace(params=params, ema_params=[params] * len(config.optim.ema_rates),
                         opt_state=tx.init(params), step=np.int32(step))
   paths.check_writable(workdir)

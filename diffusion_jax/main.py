@@ -49,7 +49,7 @@ def main(argv):
   except user_errors as e:  # the problem and the fix, no traceback
     if FLAGS["verbosity"].present:
       raise
-    print(f"error: {e}\n(Pass --verbosity=1 for the traceback.)", file=sys.stderr)
+    print(f"error: {e} (--verbosity=1 shows the traceback)", file=sys.stderr)
     sys.exit(2)
 
 

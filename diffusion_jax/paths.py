@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+import zipfile
 from typing import Union
 
 import fsspec
@@ -120,9 +121,17 @@ def save_npz(p: PathLike, **arrays) -> epath.Path:
   return write_bytes(p, buf.getvalue())
 
 
-def load_npz(p: PathLike) -> dict[str, np.ndarray]:
-  """Every array of an .npz; object (pickled) arrays are refused by numpy."""
-  with np.load(io.BytesIO(read_bytes(p)), allow_pickle=False) as f:
+def load_npz(p: PathLike, max_bytes: int | None = None) -> dict[str, np.ndarray]:
+  """Every array of an .npz; object (pickled) arrays are refused by numpy. With
+  `max_bytes`, an archive whose members inflate to more is refused before inflating."""
+  data = io.BytesIO(read_bytes(p))
+  if max_bytes is not None:
+    with zipfile.ZipFile(data) as archive:
+      total = sum(info.file_size for info in archive.infolist())
+    if total > max_bytes:
+      raise ValueError(f"its arrays inflate to {total:,} bytes, more than the {max_bytes:,} "
+                       "allowed here; nothing was read")
+  with np.load(data, allow_pickle=False) as f:
     return {k: f[k] for k in f.files}
 
 

@@ -8,7 +8,9 @@ TorchScript archive is never read or run.
 from __future__ import annotations
 
 import collections
+import io
 import pickle
+import pickletools
 import struct
 import zipfile
 import zlib
@@ -37,6 +39,10 @@ class ScriptObject:
 
 
 _MAX_ELEMENTS = 2**31  # per tensor; far above any weights file's, far below a crash
+# data.pkl of a weights file lists its tensors in tens of kilobytes; a bigger one is crafted.
+MAX_PICKLE_BYTES = 8 << 20
+MAX_ENTRIES = 1_000_000  # containers, keys and tensors of the graph, shared ones counted per use
+MAX_DEPTH = 100
 
 
 class _BadTensor:
@@ -68,34 +74,75 @@ def _layout_problem(storage, offset, size, stride) -> str | None:
   return None
 
 
-def _rebuild_tensor(storage, offset, size, stride, *unused):
-  problem = _layout_problem(storage, offset, size, stride)
-  if problem:
-    return _BadTensor(problem)
-  if not size:
-    return storage[offset].copy()
-  if 0 in size:
-    return np.zeros(tuple(size), storage.dtype)
-  itemsize = storage.dtype.itemsize
-  view = np.lib.stride_tricks.as_strided(
-      storage[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride))
-  return np.ascontiguousarray(view)
+def _children(obj):
+  """(key, value) pairs of a container in the loaded graph; () for anything else."""
+  if isinstance(obj, ScriptObject):
+    return getattr(obj, "state", {}).items()
+  if isinstance(obj, dict):
+    return obj.items()
+  if isinstance(obj, (list, tuple)):
+    return enumerate(obj)
+  return ()
 
 
-def _first_bad_tensor(obj, name: str = "", depth: int = 0):
-  """(name, reason) of the first _BadTensor in the loaded object graph, or None."""
+def _check_graph(obj) -> None:
+  """Raises ValueError when the graph, walked as a tree (a shared object
+  once per use), has a cycle, nests deeper than MAX_DEPTH or exceeds MAX_ENTRIES.
+
+  A pickle can share one object many times, so a file of a kilobyte can describe a
+  tree of 2^79 entries; each container's expanded size is memoised here, so this check
+  is linear in the distinct objects, and every later walk is bounded by MAX_ENTRIES.
+  """
+  sizes: dict[int, int | None] = {}
+
+  def size(node, depth: int) -> int:
+    children = _children(node)
+    if not children:
+      return 1
+    key = id(node)
+    if key in sizes:
+      if sizes[key] is None:
+        raise ValueError("its object graph contains a cycle; the file is crafted.")
+      return sizes[key]
+    if depth > MAX_DEPTH:
+      raise ValueError(f"it nests containers deeper than {MAX_DEPTH} levels; the file is "
+                       "crafted.")
+    sizes[key] = None
+    total = 1
+    for k, value in children:
+      total += size(k, depth + 1) + size(value, depth + 1)
+      if total > MAX_ENTRIES:
+        raise ValueError(
+            f"its object graph expands to more than {MAX_ENTRIES:,} entries (shared "
+            "sub-objects nested inside each other); the file is crafted.")
+    sizes[key] = total
+    return total
+
+  size(obj, 0)
+
+
+def _first_bad_tensor(obj, name: str = ""):
+  """(name, reason) of the first _BadTensor in a graph that passed _check_graph."""
   if isinstance(obj, _BadTensor):
     return name, obj.reason
-  if depth > 100:
-    return None
-  items = (obj.state.items() if isinstance(obj, ScriptObject) and hasattr(obj, "state")
-           else obj.items() if isinstance(obj, dict)
-           else enumerate(obj) if isinstance(obj, (list, tuple)) else ())
-  for key, value in items:
-    found = _first_bad_tensor(value, f"{name}.{key}" if name else str(key), depth + 1)
+  for key, value in _children(obj):
+    found = _first_bad_tensor(value, f"{name}.{key}" if name else str(key))
     if found:
       return found
   return None
+
+
+def _check_memo_indices(data: bytes) -> None:
+  """Refuses memo indices beyond the pickle's own length before unpickling: CPython's
+  unpickler grows (and zero-fills) its memo table to twice the largest index it is
+  given, so one 5-byte opcode could claim gigabytes."""
+  try:
+    for opcode, arg, _ in pickletools.genops(data):
+      if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET") and (
+          not isinstance(arg, int) or not 0 <= arg <= len(data)):
+        raise pickle.UnpicklingError(f"memo index {arg!r} is out of range")
+  except ValueError as e:  # genops' word for a malformed opcode stream
+    raise pickle.UnpicklingError(str(e)) from None
 
 
 class _StorageType:
@@ -104,14 +151,43 @@ class _StorageType:
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-  def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
+  """Builds tensors within `max_elements`: the storages' declared sizes together, and
+  the tensors built from them together, each stay within it (a tensor can be rebuilt
+  from one storage many times, or broadcast with stride 0, without any storage bytes)."""
+
+  def __init__(self, file, archive: zipfile.ZipFile, prefix: str, max_elements: int):
     super().__init__(file)
     self._archive, self._prefix, self._storages = archive, prefix, {}
     self._script_types: dict[str, type] = {}
+    self._max_elements = max_elements
+    self._declared = self._built = 0
+
+  def _over_budget(self, what: str, count: int) -> ValueError:
+    return ValueError(
+        f"its {what} come to at least {count:,} elements, more than the "
+        f"{self._max_elements:,} allowed (the size of the model being loaded, or the "
+        "loader's limit). The file holds more than these weights, or is crafted; nothing "
+        "was loaded.")
+
+  def _rebuild_tensor(self, storage, offset, size, stride, *unused):
+    problem = _layout_problem(storage, offset, size, stride)
+    if problem:
+      return _BadTensor(problem)
+    self._built += int(np.prod(size, dtype=object)) if size else 1
+    if self._built > self._max_elements:
+      raise self._over_budget("tensors", self._built)
+    if not size:
+      return storage[offset].copy()
+    if 0 in size:
+      return np.zeros(tuple(size), storage.dtype)
+    itemsize = storage.dtype.itemsize
+    view = np.lib.stride_tricks.as_strided(
+        storage[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride))
+    return np.ascontiguousarray(view)
 
   def find_class(self, module, name):
     if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-      return _rebuild_tensor
+      return self._rebuild_tensor
     if module == "torch" and name in _STORAGE_DTYPES:
       return _StorageType(_STORAGE_DTYPES[name])
     if (module, name) == ("collections", "OrderedDict"):
@@ -137,6 +213,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
     if not isinstance(numel, int) or numel < 0 or not isinstance(key, str):
       raise pickle.UnpicklingError(f"Storage record {key!r} has an invalid size {numel!r}.")
     if key not in self._storages:
+      self._declared += numel
+      if self._declared > self._max_elements:
+        raise self._over_budget("storages", self._declared)
       member = f"{self._prefix}/data/{key}"
       try:
         stored = self._archive.getinfo(member).file_size
@@ -154,15 +233,21 @@ class _RestrictedUnpickler(pickle.Unpickler):
     return storage
 
 
-def load(path: str):
+def load(path: str, max_elements: int = _MAX_ELEMENTS):
   """The object graph stored in a torch zip archive (local or gs://), with tensors as
-  numpy arrays."""
+  numpy arrays.
+
+  Bounded before anything is read: the storages may declare at most `max_elements`
+  elements in all (a loader that knows its model passes the model's size), the tensors
+  built from them as many, data.pkl at most MAX_PICKLE_BYTES, and the graph at most
+  MAX_ENTRIES entries and MAX_DEPTH levels. Anything else is a ValueError naming the file.
+  """
   with paths.path(path).open("rb") as file:
     if not zipfile.is_zipfile(file):
       raise ValueError(f"{path} is not a torch zip archive (torch ≥ 1.6 format). Re-save it "
                        "with torch.save, or export the weights as .safetensors or .npz.")
     try:
-      return _load_archive(file, path)
+      return _load_archive(file, path, max_elements)
     except (pickle.UnpicklingError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError,
             KeyError, IndexError, TypeError, AttributeError, RecursionError, OverflowError,
             UnicodeDecodeError, NotImplementedError, struct.error, zlib.error, OSError) as e:
@@ -173,17 +258,27 @@ def load(path: str):
       raise ValueError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
 
 
-def _load_archive(file, path: str):
+def _load_archive(file, path: str, max_elements: int):
   with zipfile.ZipFile(file) as archive:
     pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
     if len(pickles) != 1:
-      raise ValueError(f"{path}: expected exactly one */data.pkl in the archive, found {pickles}.")
+      raise ValueError(f"{path}: expected exactly one */data.pkl in the archive, found "
+                       f"{pickles[:5]}.")
     prefix = pickles[0][: -len("/data.pkl")]
     byteorder = f"{prefix}/byteorder"
-    if byteorder in archive.namelist() and archive.read(byteorder).strip() != b"little":
-      raise ValueError(f"{path} was written big-endian; re-save it on a little-endian machine.")
-    with archive.open(pickles[0]) as f:
-      obj = _RestrictedUnpickler(f, archive, prefix).load()
+    if byteorder in archive.namelist():
+      if (archive.getinfo(byteorder).file_size > 16
+          or archive.read(byteorder).strip() != b"little"):
+        raise ValueError(f"{path} was not written little-endian; re-save it on a "
+                         "little-endian machine.")
+    size = archive.getinfo(pickles[0]).file_size
+    if size > MAX_PICKLE_BYTES:
+      raise ValueError(f"its data.pkl is {size:,} bytes, more than the "
+                       f"{MAX_PICKLE_BYTES:,} any weights file needs; nothing was loaded.")
+    data = archive.read(pickles[0])
+    _check_memo_indices(data)
+    obj = _RestrictedUnpickler(io.BytesIO(data), archive, prefix, max_elements).load()
+  _check_graph(obj)
   bad = _first_bad_tensor(obj)
   if bad:
     raise ValueError(f"{path}: tensor {bad[0]!r} does not fit its storage: {bad[1]}. The "
@@ -192,7 +287,8 @@ def _load_archive(file, path: str):
 
 
 def flatten_tensors(obj, prefix: str = "") -> dict[str, np.ndarray]:
-  """{"a.b.weight": array} for every array reachable through dicts and ScriptObjects."""
+  """{"a.b.weight": array} for every array reachable through dicts and ScriptObjects
+  (of a graph from `load`, which bounds its size)."""
   out = {}
   items = (obj.state.items() if isinstance(obj, ScriptObject)
            else obj.items() if isinstance(obj, dict) else ())
