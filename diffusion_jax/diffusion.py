@@ -140,6 +140,16 @@ class GaussianDiffusion:
           f"Loss weighting {weighting!r} with {params} is not finite at steps "
           f"{bad[:8].tolist()} (SNR there: {tables['snr'][bad[:3]].tolist()}); set "
           "weighting_params.max_weight or use a schedule whose SNR stays in (0, ∞).")
+    negative = np.flatnonzero(weight < 0)
+    if negative.size or not np.any(weight > 0):
+      where = (f"negative at steps {negative[:8].tolist()} (e.g. {weight[negative[0]]:.4g})"
+               if negative.size else "zero at every step")
+      raise ValueError(
+          f"Loss weighting (diffusion.weighting) {weighting!r} with weighting_params "
+          f"{params} is {where}: a negative weight "
+          "trains the network away from the data and an all-zero one trains nothing. "
+          "Weights must be finite and ≥ 0 with some > 0: keep min_snr's and p2's gamma "
+          "and p2's k positive and finite, and max_weight > 0.")
     tables["loss_weight"] = weight
     # guided-diffusion's fixed_large uses the posterior variance at t=0 for a better
     # decoder likelihood.

@@ -38,6 +38,9 @@ def fixed_density(name: str, loss_weight, log_snr, loc: float = 0.0, scale: floa
   loss_weight and log_snr tables (each (T,))."""
   loss_weight, log_snr = np.asarray(loss_weight, np.float64), np.asarray(log_snr, np.float64)
   n = len(log_snr)
+  for field, value in (("loc", loc), ("scale", scale), ("mu", mu), ("b", b)):
+    if not np.isfinite(value):
+      raise ValueError(f"timestep_sampler_params.{field}={value}: must be finite.")
   if name == "importance":
     if np.any(loss_weight < 0) or not np.any(loss_weight > 0):
       raise ValueError("timestep_sampler='importance' needs loss weights ≥ 0 with a "
@@ -59,7 +62,24 @@ def fixed_density(name: str, loss_weight, log_snr, loc: float = 0.0, scale: floa
   else:
     raise ValueError(f"{name!r} is not a fixed-density sampler; choose one of "
                      f"{list(FIXED_DENSITIES)}.")
-  return p / p.sum()
+  total = p.sum()
+  if not (np.all(np.isfinite(p)) and np.all(p >= 0) and np.isfinite(total) and total > 0):
+    raise ValueError(
+        f"diffusion.timestep_sampler={name!r} with timestep_sampler_params loc={loc}, "
+        f"scale={scale}, mu={mu}, b={b} gives no "
+        f"usable density over the {n} steps (it underflows to zero or is not finite). "
+        + _DENSITY_RANGES[name])
+  return p / total
+
+
+_DENSITY_RANGES = {
+    "importance": "Use a weighting whose weights are ≥ 0 with a positive one.",
+    "logit_normal": "Keep loc within about ±5 (the logits of the steps span ±7.6 at "
+                    "T=1000) and scale between 0.1 and 10; SD3 uses loc=0, scale=1.",
+    "laplace_logsnr": "Keep mu within the schedule's log-SNR range (about −10 to +10 for "
+                      "the linear schedule) and b between 0.1 and 10; Hang et al. use "
+                      "mu=0, b=0.5.",
+}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -155,6 +155,9 @@ def loss_weight(name: str, snr, *, target: str = "eps", space: str = "eps",
     raise ValueError(f"Unknown prediction target {target!r}; choose one of {list(TARGETS)}.")
   if space not in SPACES:
     raise ValueError(f"Unknown weighting space {space!r}; choose one of {list(SPACES)}.")
+  if max_weight is not None and not max_weight > 0:
+    raise ValueError(f"weighting_params.max_weight={max_weight}: must be > 0 (it caps "
+                     "the weight from above), or None for no cap.")
   xp = _xp(snr)
   w = epsilon_weight(name, snr, **params)
   if normalize:

@@ -174,3 +174,27 @@ def test_a_config_saved_before_new_fields_loads_with_their_defaults():
   assert loaded.sample.order == 2 and loaded.model.num_channels == 32
   config_lib.validate_config(loaded, num_devices=1)
   assert checkpoints.objective_changes(saved, tiny_config.get_config()) == []
+
+
+@pytest.mark.parametrize("weighting, params, sampler, sampler_params, message", [
+    ("min_snr", {"gamma": -5.0}, "uniform", {}, "negative at steps"),  # trained with loss −6228
+    ("min_snr", {"gamma": 0.0}, "uniform", {}, "zero at every step"),
+    ("p2", {"k": math.inf}, "uniform", {}, "zero at every step"),
+    ("debias", {"max_weight": -1.0}, "uniform", {}, "max_weight=-1.0: must be > 0"),
+    ("debias", {}, "logit_normal", {"loc": 1e6}, "no usable density"),
+    ("debias", {}, "logit_normal", {"loc": math.nan}, "loc=nan: must be finite"),
+    ("debias", {}, "logit_normal", {"scale": 1e-9}, "no usable density"),
+    ("debias", {}, "laplace_logsnr", {"b": math.inf}, "b=inf: must be finite"),
+])
+def test_objective_values_that_would_train_garbage_are_config_errors(
+    weighting, params, sampler, sampler_params, message):
+  """Weight tables must be finite, ≥ 0 and not all zero, densities finite and normalisable:
+  checked in validation, before anything compiles, naming the field."""
+  config = tiny_config.get_config()
+  config.diffusion.weighting = weighting
+  config.diffusion.weighting_params.update(params)
+  config.diffusion.timestep_sampler = sampler
+  config.diffusion.timestep_sampler_params.update(sampler_params)
+  with pytest.raises(config_lib.ConfigError, match=message) as err:
+    config_lib.validate_config(config, num_devices=1)
+  assert "weighting" in str(err.value) or "timestep_sampler" in str(err.value)
