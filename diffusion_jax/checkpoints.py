@@ -1,10 +1,15 @@
 """Orbax checkpoints of a training run: train state, data-iterator state and config.
 
-Layout: WORKDIR/checkpoints/<step>/{state, data_iter, config}. Saves are async; the
-last `train.keep_checkpoints` are kept plus every `train.keep_every`-th step. Restores
-place arrays on the current mesh, so a checkpoint loads onto any device count. An
-existing checkpoint is never overwritten or silently replaced by a fresh init: a
+Layout: WORKDIR/checkpoints/<step>/{state, data_iter, config, checksums}. Saves are
+async; the last `train.keep_checkpoints` are kept plus every `train.keep_every`-th step.
+Restores place arrays on the current mesh, so a checkpoint loads onto any device count.
+An existing checkpoint is never overwritten or silently replaced by a fresh init: a
 config that does not fit it is an error naming the fields.
+
+`checksums` holds two 32-bit sums of every array of the state, computed on the devices
+from the arrays being saved; a restore recomputes them, so bytes changed on disk after
+the save (a flipped bit, a bad copy) are found, and the step is treated as damaged.
+Steps written before checksums existed restore unchecked.
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -20,7 +27,7 @@ from etils import epath
 from diffusion_jax import config_lib
 from diffusion_jax import paths
 
-ITEMS = ("state", "data_iter", "config")
+ITEMS = ("state", "data_iter", "config", "checksums")
 
 
 class NoCheckpointError(FileNotFoundError):
@@ -116,14 +123,73 @@ def create_manager(workdir: str, config) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
+def _as_words(x: jax.Array) -> jax.Array:
+  """The bits of `x` as uint32 words (one per element; 8-byte elements give two)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype.itemsize == 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  if x.dtype.itemsize == 8:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)  # (..., 2)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _leaf_sums(x: jax.Array) -> jax.Array:
+  """(2,) uint32: Σ words and Σ words·(2·index+1), both mod 2^32.
+
+  Any change of one word changes both (odd factors are invertible mod 2^32); the index
+  is built from per-axis iotas, so a sharded array is summed where it lies.
+  """
+  words = _as_words(x)
+  index = jnp.zeros(words.shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(words.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * np.uint32(
+        stride % 2**32)
+    stride *= words.shape[axis]
+  return jnp.stack([jnp.sum(words, dtype=jnp.uint32),
+                    jnp.sum(words * (2 * index + 1), dtype=jnp.uint32)])
+
+
+_tree_sums = jax.jit(lambda tree: jax.tree_util.tree_map(_leaf_sums, tree))
+
+
+def checksums(state) -> dict[str, list[int]]:
+  """{leaf path: [sum, weighted sum]} of every array of `state` (a host sync)."""
+  sums = jax.device_get(_tree_sums(state))
+  flat, _ = jax.tree_util.tree_flatten_with_path(sums)
+  return {jax.tree_util.keystr(path): [int(v) for v in value] for path, value in flat}
+
+
 def save(manager: ocp.CheckpointManager, step: int, state, iter_state: dict, config) -> None:
-  """Starts an async save of `step` (a no-op if that step is already saved)."""
+  """Starts an async save of `step` with its checksums (a no-op if that step is already
+  saved)."""
   if step in manager.all_steps():
     return
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data_iter=ocp.args.JsonSave(iter_state),
-      config=ocp.args.JsonSave(json.loads(config_lib.to_json(config)))))
+      config=ocp.args.JsonSave(json.loads(config_lib.to_json(config))),
+      checksums=ocp.args.JsonSave({"format": 1, "sums": checksums(state)})))
+
+
+def damaged_arrays(manager: ocp.CheckpointManager, step: int, state) -> str | None:
+  """Why the restored `state` of `step` differs from what was saved (the first few
+  arrays whose checksums differ), or None when it matches or the step has no checksums."""
+  if not (manager.directory / str(step) / "checksums").exists():
+    return None  # written before checksums existed
+  saved = manager.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))
+  saved = (saved.checksums or {}).get("sums", {})
+  now = checksums(state)
+  differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+  if not differ:
+    return None
+  return (f"{len(differ)} of {len(now)} arrays differ from the checksums written with them "
+          f"({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}); the files were "
+          "changed or damaged after saving")
 
 
 def _abstract_with_shardings(state, shardings):
@@ -213,8 +279,11 @@ def _restore_step(manager, step: int, state, shardings, config):
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_abstract_with_shardings(state, shardings)),
         data_iter=ocp.args.JsonRestore()))
+    damage = damaged_arrays(manager, step, restored.state)
   except Exception as e:  # pylint: disable=broad-except
     raise _Unreadable(f"its train state cannot be read ({_one_line(e)})") from None
+  if damage:
+    raise _Unreadable(damage)
   if changes:
     logging.warning("Objective changed at step %d (allow_objective_change): %s", step,
                     "; ".join(changes))
@@ -275,6 +344,12 @@ def restore_state(workdir: str, abstract_state, step: int | None = None):
     step = _resolve_step(manager, step, workdir)
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target)))
+    damage = damaged_arrays(manager, step, restored.state)
+  if damage:
+    raise CheckpointConfigError(
+        f"Checkpoint step {step} in {workdir} is damaged: {damage}. Resume training on "
+        "the workdir (--mode=train) to set it aside and continue from the newest good "
+        "step, or restore the files from a copy.")
   return restored.state
 
 

@@ -1,6 +1,7 @@
 """Checkpoints: damaged steps are set aside and an older one resumes; the fields that
 decide whether a checkpoint fits a config."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -22,7 +23,19 @@ def _truncate_state_files(step_dir):
         handle.truncate(10)
 
 
+def _flip_two_bytes(step_dir):
+  """XORs two bytes in the middle of the largest array file: it still restores, to other
+  values, unless the checksums catch it."""
+  files = [f for f in (step_dir / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
+  largest = max(files, key=lambda f: f.stat().st_size)
+  data = bytearray(largest.read_bytes())
+  data[len(data) // 2] ^= 0x40
+  data[len(data) // 2 + 1001] ^= 0x01
+  largest.write_bytes(bytes(data))
+
+
 _DAMAGE = {
+    "two bytes flipped in an array file": _flip_two_bytes,
     "_METADATA deleted": lambda d: (d / "state" / "_METADATA").unlink(),
     "array data truncated": _truncate_state_files,
     "step folder empty": lambda d: [p.unlink() for p in sorted(d.rglob("*"), reverse=True)
@@ -30,7 +43,7 @@ _DAMAGE = {
 }
 
 
-@pytest.mark.slow  # four tiny training runs (~75 s)
+@pytest.mark.slow  # five tiny training runs (~90 s)
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, capfd):
   config = tiny_config.get_config()
   config.train.update(num_steps=6, checkpoint_every=2, log_every=2)
@@ -59,6 +72,28 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, c
     train.train_and_sample(config, str(workdir))
   assert checkpoints.checkpoint_steps(str(workdir)) == [2, 4, 6]
 
+
+
+def test_checksums_find_one_changed_word_in_any_array(tmp_path):
+  state = {"w": np.arange(24, dtype=np.float32).reshape(2, 3, 4),
+           "h": np.ones((5,), jnp.bfloat16), "step": np.int32(7),
+           "key": jax.random.key_data(jax.random.PRNGKey(3))}
+  sums = checkpoints.checksums(state)
+  assert set(sums) == {"['h']", "['key']", "['step']", "['w']"}
+  assert sums == checkpoints.checksums(jax.tree_util.tree_map(np.copy, state))
+  changed = dict(state, w=state["w"].copy())
+  changed["w"].view(np.uint32)[1, 2, 3] ^= 1 << 7
+  assert [k for k in sums if sums[k] != checkpoints.checksums(changed)[k]] == ["['w']"]
+  swapped = dict(state, h=state["h"][::-1].copy())
+  swapped["h"][0] = 2
+  assert checkpoints.checksums(swapped)["['h']"] != sums["['h']"]
+  # Saved with the step; a restore of other values is reported, naming the array.
+  config = tiny_config.get_config()
+  with checkpoints.create_manager(str(tmp_path), config) as manager:
+    checkpoints.save(manager, 1, state, {}, config)
+    manager.wait_until_finished()
+    assert checkpoints.damaged_arrays(manager, 1, state) is None
+    assert "['w']" in checkpoints.damaged_arrays(manager, 1, changed)
 
 
 def test_model_and_objective_differences_are_named():

@@ -86,3 +86,63 @@ def test_a_second_trainer_is_refused_and_the_first_runs_on(tmp_path):
   assert first.returncode == 0, err[-2000:]
   assert not (tmp_path / workdir_lock.LOCK_FILE).exists()
   assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+
+
+def _contend(workdir, start, attempted, results):
+  """One forked contender: start together, try once, hold a won lock until all tried.
+
+  Judging staleness is slowed by a random 0–20 ms, as a loaded machine would, so that
+  contenders interleave between reading the stale lock and replacing it.
+  """
+  import random  # pylint: disable=import-outside-toplevel
+  judge = workdir_lock._stale_reason
+  workdir_lock._stale_reason = lambda *a: (time.sleep(random.uniform(0, 0.02)), judge(*a))[1]
+  start.wait()
+  try:
+    lock = WorkdirLock(workdir)
+    lock.acquire()
+    won = True
+  except WorkdirLockedError:
+    won = False
+  results.put(won)
+  attempted.wait()
+  if won:
+    lock.release()
+
+
+def test_of_100_contenders_for_a_stale_lock_exactly_one_wins(tmp_path):
+  import multiprocessing  # pylint: disable=import-outside-toplevel
+  ctx = multiprocessing.get_context("fork")
+  winners = []
+  for trial in range(3):
+    workdir = tmp_path / f"run{trial}"
+    workdir.mkdir()
+    (workdir / workdir_lock.LOCK_FILE).write_text(json.dumps(
+        {"host": socket.gethostname(), "pid": _dead_pid(), "started": 0, "heartbeat": 0}))
+    n = 100
+    start, attempted, results = ctx.Barrier(n), ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_contend, args=(str(workdir), start, attempted, results))
+             for _ in range(n)]
+    for p in procs:
+      p.start()
+    outcomes = [results.get(timeout=120) for _ in range(n)]
+    for p in procs:
+      p.join(timeout=60)
+      assert p.exitcode == 0
+    winners.append(sum(outcomes))
+    assert not (workdir / f"{workdir_lock.LOCK_FILE}.takeover").exists()
+  assert winners == [1, 1, 1]
+
+
+@pytest.mark.parametrize("content", [b"", b"[]", b'{"pid": "x"}', b'{"host": "h", "pi'])
+def test_a_lock_without_a_record_is_stale_once_old_and_waited_on_while_new(
+    content, tmp_path, monkeypatch):
+  lock = tmp_path / workdir_lock.LOCK_FILE
+  lock.write_bytes(content)
+  monkeypatch.setattr(workdir_lock, "ACQUIRE_S", 0.5)
+  with pytest.raises(WorkdirLockedError, match=f"delete {lock}"):  # maybe being written
+    WorkdirLock(str(tmp_path)).acquire()
+  old = time.time() - workdir_lock.UNREADABLE_STALE_S - 5
+  os.utime(lock, (old, old))
+  with WorkdirLock(str(tmp_path)):
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
