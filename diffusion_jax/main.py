@@ -4,6 +4,7 @@
 
 Config fields are overridden with --config.SECTION.FIELD=VALUE.
 """
+import signal
 import sys
 
 from absl import app
@@ -37,13 +38,17 @@ def main(argv):
                  checkpoints.NoCheckpointError)
   if FLAGS.mode in ("convert", "evaluate", "compare", "sample", "prepare"):
     user_errors += (ValueError, FileNotFoundError)  # bad files, fields or checkpoints
+  if FLAGS.mode == "sample":  # stop between batches, as Ctrl-C does, and say what is kept
+    signal.signal(signal.SIGTERM, _interrupt)
   try:
     _run_mode()
   except KeyboardInterrupt as e:  # also evaluate.TrainingStopped
-    if FLAGS.mode not in ("evaluate", "compare"):
+    if FLAGS.mode not in ("evaluate", "compare", "sample"):
       raise
-    print(f"\n{str(e) or 'Interrupted.'}\nFinished runs and evaluation pieces are kept "
-          "(points.json beside evaluation.json); run the same command again to continue "
+    kept = ("Finished batches are kept (samples/<sampler>_<steps>/partial_*)"
+            if FLAGS.mode == "sample" else "Finished runs and evaluation pieces are kept "
+            "(points.json beside evaluation.json)")
+    print(f"\n{str(e) or 'Interrupted.'}\n{kept}; run the same command again to continue "
           "from them.", file=sys.stderr)
     sys.exit(130)
   except user_errors as e:  # the problem and the fix, no traceback
@@ -51,6 +56,11 @@ def main(argv):
       raise
     print(f"error: {e} (--verbosity=1 shows the traceback)", file=sys.stderr)
     sys.exit(2)
+
+
+def _interrupt(signum, frame):
+  del frame
+  raise KeyboardInterrupt(f"Stopped by signal {signum}.")
 
 
 def _run_mode():

@@ -85,7 +85,8 @@ def sample_from_workdir(config, workdir: str) -> dict:
   Uses the EMA whose rate is config.sample.ema_rate (-1: the first). Writes into
   WORKDIR/samples/<sampler>_<steps>/ (see `samplers.generate`) and returns generate's
   result with "dir" and "files" (the paths written; in a multi-host job every process
-  samples its share of each batch and process 0 writes).
+  samples its share of each batch and process 0 writes). Finished batches are kept as
+  they finish, so an interrupted run continues where it stopped when rerun.
   """
   saved = checkpoints.saved_config_matching(workdir, config)
   state = load_checkpoint(workdir)
@@ -97,7 +98,9 @@ def sample_from_workdir(config, workdir: str) -> dict:
       config_lib.build_model(config), config_lib.build_diffusion(config), params, s, out_dir,
       class_cond=m.class_cond, num_classes=m.num_classes,
       image_shape=(m.image_size, m.image_size, m.in_channels),
-      write=jax.process_index() == 0)
+      write=jax.process_index() == 0,
+      resume_key=f"step {int(state.step)} {config_lib.to_json(config.sample)} "
+                 f"{config_lib.to_json(config.model)}")
   result["dir"] = out_dir
   result["files"] = [os.fspath(paths.path(out_dir) / "samples_grid.png")] + (
       [os.fspath(paths.path(out_dir) / "samples.npz")] if s.save_npz else []) + (

@@ -11,6 +11,7 @@ step from `fold_in(key, step)`, so results do not depend on the device count.
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import jax
 import jax.numpy as jnp
@@ -117,7 +118,8 @@ def sample(diffusion: GaussianDiffusion, model_fn, shape, key, sampler: str = "d
 
 
 def generate(model, diffusion, params, sample_config, out_dir: str, *, class_cond: bool,
-             num_classes: int, image_shape, mesh=None, write: bool = True) -> dict:
+             num_classes: int, image_shape, mesh=None, write: bool = True,
+             resume_key: str | None = None) -> dict:
   """Generates sample_config.num_samples images in batches, sharded over `mesh` (default:
   every device of every process, so each host of a multi-host job computes its share of
   each batch; every process returns all the images, and only those given write=True
@@ -128,6 +130,12 @@ def generate(model, diffusion, params, sample_config, out_dir: str, *, class_con
   samples.npz (arr_0 uint8 NHWC and, when class-conditional, arr_1 labels: the
   format of guided-diffusion's evaluator), and PNGs under images/ when
   sample_config.save_individual. Returns {"images": uint8 array, "labels": array|None}.
+
+  With `resume_key` (a string naming the params and settings, e.g. the checkpoint step
+  and sample config), each finished batch is kept in out_dir/partial_<hash of the key>/
+  as it finishes, and a rerun with the same key computes only the missing batches
+  (the same images: batch b's noise depends only on b). The folder is removed once the
+  outputs are written.
   """
   import numpy as np  # pylint: disable=import-outside-toplevel
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
@@ -161,12 +169,26 @@ def generate(model, diffusion, params, sample_config, out_dir: str, *, class_con
       lambda x: x if isinstance(x, jax.Array) and not x.is_fully_addressable
       else distributed.host_to_global(x, replicated), params)
   base = jax.random.PRNGKey(sample_config.seed)
+  partial = None
+  if resume_key is not None:
+    digest = hashlib.sha256(resume_key.encode()).hexdigest()[:16]
+    partial = paths.path(out_dir) / f"partial_{digest}"
+  done = _finished_batches(partial)
+  num_batches = -(-total // bsz)
+  if done and jax.process_index() == 0:
+    print(f"Resuming: {len(done)} of {num_batches} batches already in {partial}.", flush=True)
   images, labels = [], []
-  for b in tqdm(range(-(-total // bsz)), desc=f"sample ({sample_config.sampler})", unit="batch",
+  for b in tqdm(range(num_batches), desc=f"sample ({sample_config.sampler})", unit="batch",
                 disable=jax.process_index() != 0):
     y = (np.arange(b * bsz, (b + 1) * bsz) % num_classes).astype(np.int32)
-    key = np.asarray(jax.random.fold_in(base, b))
-    images.append(np.asarray(run(params, key, y)))
+    if b in done:
+      batch = paths.load_npz(done[b])["images"]
+    else:
+      key = np.asarray(jax.random.fold_in(base, b))
+      batch = np.asarray(run(params, key, y))
+      if partial is not None and write:
+        paths.save_npz(partial / f"batch_{b:06d}.npz", images=batch)
+    images.append(batch)
     labels.append(y)
   images = np.concatenate(images)[:total]
   labels = np.concatenate(labels)[:total] if class_cond else None
@@ -180,4 +202,19 @@ def generate(model, diffusion, params, sample_config, out_dir: str, *, class_con
     if sample_config.save_individual:
       for i, img in enumerate(tqdm(images, desc="write PNGs", unit="img")):
         reporting.save_png(img, out / "images" / f"{i:06d}.png")
+    if partial is not None and partial.exists():
+      partial.rmtree()
   return {"images": images, "labels": labels}
+
+
+def _finished_batches(partial) -> dict:
+  """{batch index: file} of the batches kept in `partial` (none when it is None)."""
+  from diffusion_jax import paths  # pylint: disable=import-outside-toplevel
+  if partial is None or not paths.isdir(partial):
+    return {}
+  found = {}
+  for f in partial.iterdir():
+    name = f.name
+    if name.startswith("batch_") and name.endswith(".npz") and name[6:-4].isdigit():
+      found[int(name[6:-4])] = f
+  return found
