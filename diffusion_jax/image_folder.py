@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import struct
+import sys
 import tempfile
 
 import numpy as np
@@ -33,13 +34,17 @@ FORMAT = "diffusion_jax.image_folder.v1"
 
 def list_image_files(directory: str) -> list[str]:
   """Image files under `directory` (local or gs://), recursively, each folder's entries
-  in sorted order."""
+  in sorted order. Only regular files are read: anything else with an image name (a
+  FIFO, a socket, a device) would block or never end, so it is named and skipped."""
   out = []
   for path in sorted(paths.path(directory).iterdir(), key=lambda p: p.name):
     if path.is_dir():
       out.extend(list_image_files(os.fspath(path)))
     elif "." in path.name and path.name.rsplit(".", 1)[-1].lower() in EXTENSIONS:
-      out.append(os.fspath(path))
+      if paths.is_regular_file(path):
+        out.append(os.fspath(path))
+      else:
+        print(f"Skipping {path}: not a regular file.", file=sys.stderr, flush=True)
   return out
 
 

@@ -59,11 +59,17 @@ def _read_idx(path: str) -> np.ndarray:
   return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+class DataError(ValueError):
+  """A dataset that does not fit the config (the message names the field and the fix)."""
+
+
 def pad_to(images: np.ndarray, size: int) -> np.ndarray:
   """Images (N, h, w, C) zero-padded, centred, to (N, size, size, C) (e.g. 28 px digits to 32)."""
   h, w = images.shape[1:3]
   if h > size or w > size:
-    raise ValueError(f"Images of {h}×{w} do not fit image_size={size}.")
+    raise DataError(f"data.image_size={size}: this dataset's {h}×{w} images do not fit; "
+                    f"set data.image_size and model.image_size to at least {max(h, w)} "
+                    "(they are padded, centred, to it).")
   top, left = (size - h) // 2, (size - w) // 2
   return np.pad(images, ((0, 0), (top, size - h - top), (left, size - w - left), (0, 0)))
 
@@ -72,7 +78,7 @@ def load_fashion_mnist(split: str = "train", data_dir: str = "") -> ArraySource:
   """Fashion-MNIST as 28×28×1 uint8 with labels 0..9 (60k train, 10k test)."""
   prefix = {"train": "train", "test": "t10k"}.get(split)
   if prefix is None:
-    raise ValueError(f"Fashion-MNIST has splits 'train' and 'test', not {split!r}.")
+    raise DataError(f"Fashion-MNIST has splits 'train' and 'test', not {split!r}.")
   for d in FASHION_MNIST_DIRS:
     img = os.path.join(d, f"{prefix}-images-idx3-ubyte.gz")
     if os.path.exists(img):
@@ -110,11 +116,11 @@ def get_source(data_config) -> ArraySource:
   if name == "digits":
     src = load_digits()
     if data_config.image_size != 32:
-      raise ValueError("digits are 32×32: set data.image_size=32.")
+      raise DataError("digits are 32×32: set data.image_size=32.")
     return src
   if name == "photo_patches":
     if data_config.split not in ("train", "test"):
-      raise ValueError(f"photo_patches has splits 'train' and 'test' (other crops of the "
+      raise DataError(f"photo_patches has splits 'train' and 'test' (other crops of the "
                        f"same photographs), not {data_config.split!r}.")
     return photo_patches.PhotoPatchSource(data_config.image_size,
                                           seed=0 if data_config.split == "train" else 1)
@@ -124,12 +130,12 @@ def get_source(data_config) -> ArraySource:
   if name.startswith("tfds:"):
     return TfdsSource(name[len("tfds:"):], data_config.split, data_config.data_dir,
                       data_config.image_size)
-  raise ValueError(f"Unknown dataset {name!r}; choose one of {list(DATASETS)}.")
+  raise DataError(f"Unknown dataset {name!r}; choose one of {list(DATASETS)}.")
 
 
 def check_dataset_name(name: str) -> None:
   if name not in DATASETS[:-1] and not (name.startswith("tfds:") and len(name) > 5):
-    raise ValueError(f"Unknown data.dataset {name!r}; choose one of {list(DATASETS)}.")
+    raise DataError(f"Unknown data.dataset {name!r}; choose one of {list(DATASETS)}.")
 
 
 class TfdsSource(Sequence):
@@ -180,9 +186,9 @@ def make_dataset(source, *, batch_size: int, seed: int, random_flip: bool = True
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   if batch_size % process_count:
-    raise ValueError(f"batch_size={batch_size} does not divide over {process_count} processes.")
+    raise DataError(f"batch_size={batch_size} does not divide over {process_count} processes.")
   if len(source) < process_count:
-    raise ValueError(f"The dataset has {len(source)} records, fewer than the processes.")
+    raise DataError(f"The dataset has {len(source)} records, fewer than the processes.")
   ds = grain.MapDataset.source(source)[process_index::process_count]
   ds = ds.shuffle(seed=seed).repeat(None)
   ds = ds.random_map(lambda r, rng: _preprocess(r, rng, random_flip), seed=seed + 1)

@@ -4,6 +4,7 @@
 
 Config fields are overridden with --config.SECTION.FIELD=VALUE.
 """
+import os
 import signal
 import sys
 
@@ -25,6 +26,8 @@ flags.DEFINE_integer("cpu_devices", -1, "CPU runs: split the host into this many
                      "dividing the batch sizes into shares of at least 8). Ignored by "
                      "GPU/TPU runs.")
 flags.mark_flags_as_required(["config", "workdir"])
+flags.register_validator("cpu_devices", lambda n: n == -1 or n >= 1,
+                         "--cpu_devices must be -1 (as many as the cores) or a count ≥ 1")
 
 
 def main(argv):
@@ -32,14 +35,18 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-  from diffusion_jax import checkpoints, config_lib, paths, workdir_lock  # pylint: disable=import-outside-toplevel
+  _load_config_or_exit()
+  from diffusion_jax import checkpoints, config_lib, input_pipeline, paths, workdir_lock  # pylint: disable=import-outside-toplevel
   user_errors = (config_lib.ConfigError, paths.StorageError, workdir_lock.WorkdirLockedError,
                  checkpoints.CheckpointSaveError, checkpoints.CheckpointConfigError,
-                 checkpoints.NoCheckpointError)
+                 checkpoints.NoCheckpointError, input_pipeline.DataError)
   if FLAGS.mode in ("convert", "evaluate", "compare", "sample", "prepare"):
-    user_errors += (ValueError, FileNotFoundError)  # bad files, fields or checkpoints
+    # bad files, fields or checkpoints; an output that already exists
+    user_errors += (ValueError, FileNotFoundError, FileExistsError)
   if FLAGS.mode == "sample":  # stop between batches, as Ctrl-C does, and say what is kept
     signal.signal(signal.SIGTERM, _interrupt)
+  if FLAGS.mode == "train":  # outside the training loop, whose own watch saves first
+    signal.signal(signal.SIGINT, _exit_now)
   try:
     _run_mode()
   except KeyboardInterrupt as e:  # also evaluate.TrainingStopped
@@ -56,6 +63,55 @@ def main(argv):
       raise
     print(f"error: {e} (--verbosity=1 shows the traceback)", file=sys.stderr)
     sys.exit(2)
+
+
+def _config_catalogue() -> str:
+  """The config files beside this package, quickstart first."""
+  import glob  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  names = [os.path.basename(p) for p in glob.glob(os.path.join(root, "configs", "[!_]*.py"))]
+  names = sorted((n for n in names if n != "default.py"), key=lambda n: (n != "quickstart.py", n))
+  return ", ".join(f"configs/{n}" for n in names) + " (each file's docstring says what it runs)"
+
+
+def _exit_config_error(argv, text: str) -> None:
+  """One line for an unusable --config (missing file, bad `:argument`, no get_config),
+  then the configs that exist; exit code 2."""
+  value = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?")
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
+  if any("No such file" in l for l in lines):
+    cause = "no such file"
+  elif "get_config" in text and "has no attribute" in text:
+    cause = "the file defines no get_config()"
+  else:  # the config file's own exception, last in the traceback text
+    cause = lines[-1] if lines else text
+  print(f"error: --config={value}: {cause[:300]}\nConfigs: {_config_catalogue()}",
+        file=sys.stderr)
+  sys.exit(2)
+
+
+def _load_config_or_exit() -> None:
+  """Loads --config, which ml_collections defers when its file is missing."""
+  try:
+    FLAGS.config.keys()
+  except Exception as e:  # pylint: disable=broad-except
+    if FLAGS["verbosity"].present:
+      raise
+    _exit_config_error(sys.argv, str(e))
+
+
+def _exit_now(signum, frame):
+  """Ctrl-C while training sets up or finishes: exits at once with code 130.
+
+  A KeyboardInterrupt here could land in XLA's compile or garbage-collection callbacks,
+  which swallow it or crash at teardown; the training loop installs its own handler,
+  which saves the current step first.
+  """
+  del signum, frame
+  print("\nInterrupted (Ctrl-C). Committed checkpoints are kept; run the same command "
+        "again to resume.", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(130)  # pylint: disable=protected-access
 
 
 def _interrupt(signum, frame):
@@ -143,9 +199,11 @@ def _parse_flags(argv):
   except Exception as e:  # pylint: disable=broad-except
     if any(a.startswith(("--verbosity", "-v=")) for a in argv):
       raise
+    if "config_config" in str(e) or str(e).startswith("flag --config="):
+      _exit_config_error(argv, str(e))
     unknown = _unknown_config_field(argv) if isinstance(e, (AttributeError, KeyError)) else None
     message = unknown or f"{e}".splitlines()[0]
-    print(f"error: {message}\nPass --helpshort to see the flags.", file=sys.stderr)
+    print(f"error: {message} (--helpshort lists the flags)", file=sys.stderr)
     sys.exit(2)
 
 

@@ -102,6 +102,13 @@ def isdir(p: PathLike) -> bool:
   return path(p).is_dir()
 
 
+def is_regular_file(p: PathLike) -> bool:
+  """Whether `p` is a regular file (a FIFO, socket or device is not; epath's is_file
+  says yes to anything that is not a folder)."""
+  target = path(p)
+  return target.is_file() if is_remote(target) else os.path.isfile(target)
+
+
 def move(src: PathLike, dst: PathLike) -> epath.Path:
   """Moves file or folder `src` to `dst` (on GCS: copies the objects, then deletes)."""
   source, target = path(src), path(dst)

@@ -88,6 +88,7 @@ def sample_from_workdir(config, workdir: str) -> dict:
   samples its share of each batch and process 0 writes). Finished batches are kept as
   they finish, so an interrupted run continues where it stopped when rerun.
   """
+  config_lib.validate_sample_fields(config)
   saved = checkpoints.saved_config_matching(workdir, config)
   state = load_checkpoint(workdir)
   params = state.ema_params[ema_index(saved, config.sample.ema_rate, "sample.ema_rate")]

@@ -1,4 +1,5 @@
 """Image folders: guided-diffusion's crop, bad files, prepare → train reads it."""
+import os
 import subprocess
 import sys
 
@@ -81,6 +82,24 @@ def test_prepare_mode_from_the_command_line(tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   assert "Prepared 6 images at 32px" in r.stdout
   assert (out / "dataset.json").exists()
+  # A FIFO with an image name blocked prepare forever; now it is named and skipped.
+  os.mkfifo(src / "a.png")
+  r = subprocess.run(
+      [sys.executable, "-m", "diffusion_jax.main", "--config=tests/tiny_config.py",
+       f"--workdir={tmp_path / 'wd'}", "--mode=prepare", f"--config.data.image_dir={src}",
+       f"--config.data.data_dir={tmp_path / 'second'}"], capture_output=True, text=True,
+      timeout=300)
+  assert r.returncode == 0 and "Prepared 6 images" in r.stdout, r.stderr[-2000:]
+  assert f"Skipping {src / 'a.png'}: not a regular file." in r.stderr
+  # Preparing into a folder that holds a dataset: one line, exit 2, nothing changed.
+  before = (out / "dataset.json").read_bytes()
+  r = subprocess.run(
+      [sys.executable, "-m", "diffusion_jax.main", "--config=tests/tiny_config.py",
+       f"--workdir={tmp_path / 'wd'}", "--mode=prepare", f"--config.data.image_dir={src}",
+       f"--config.data.data_dir={out}"], capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "already holds" in r.stderr
+  assert (out / "dataset.json").read_bytes() == before
 
 
 @pytest.mark.parametrize("holdout", ["0.34", "folder"])

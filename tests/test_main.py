@@ -42,3 +42,69 @@ def test_bad_flags_are_one_line_with_exit_code_2(override, message, tmp_path):
   first = run.stderr.splitlines()[0]
   assert first.startswith("error: ") and message in first and "Traceback" not in run.stderr
   assert not (tmp_path / "wd").exists()
+
+
+def _cli(args, tmp_path, **kwargs):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  return subprocess.run([sys.executable, "-m", "diffusion_jax.main"] + args, cwd=REPO,
+                        capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"), **kwargs)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=tests/tiny_config.py", "--cpu_devices=0"], "--cpu_devices must be -1"),
+    (["--config=tests/tiny_config.py", "--config.model.image_size=16",
+      "--config.data.image_size=16", "--config.model.attention_resolutions=2"],
+     "digits are 32×32"),
+    (["--config=tests/tiny_config.py", "--mode=sample", "--config.sample.batch_size=0"],
+     "config.sample.batch_size=0"),
+    (["--config=tests/tiny_config.py", "--mode=sample", "--config.sample.num_samples=0"],
+     "config.sample.num_samples=0"),
+    (["--config=configs/quickstar.py"], "--config=configs/quickstar.py: no such file"),
+    (["--config=configs/quickstart.py:foo"], "quickstart dataset 'foo'"),
+    (["--config=tests/__init__.py"], "defines no get_config()"),
+])
+def test_user_errors_are_one_line_and_exit_2(args, message, tmp_path):
+  """Each of these printed a traceback (and `--config` a 41-line double one, exit 1)."""
+  run = _cli(args + [f"--workdir={tmp_path / 'wd'}"], tmp_path)
+  lines = run.stderr.strip().splitlines()
+  assert run.returncode == 2, run.stderr[-2000:]
+  assert lines[0].startswith("error: ") and message in lines[0], run.stderr[-2000:]
+  assert "Traceback" not in run.stderr
+  if args[0].startswith("--config=configs/quickstar") or "tests/__init__" in args[0]:
+    assert len(lines) == 2 and "configs/quickstart.py" in lines[1]  # the configs there are
+  else:
+    assert len(lines) == 1
+
+
+def test_a_pytorch_file_named_for_a_step_beyond_int32_is_refused():
+  from diffusion_jax import convert  # pylint: disable=import-outside-toplevel
+  assert convert.step_from_filename("ema_0.9999_500000.pt") == 500000
+  assert convert.step_from_filename("model.safetensors") == 0
+  with pytest.raises(ValueError, match="names step 99999999999"):
+    convert.step_from_filename("ema_0.9999_99999999999.pt")
+
+
+def test_ctrl_c_while_training_compiles_exits_130_in_one_line(tmp_path):
+  """Ctrl-C before the training loop gave a KeyboardInterrupt traceback and then a
+  segfault (exit 139), or was swallowed by XLA's callbacks and training went on."""
+  import signal  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / "wd"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "diffusion_jax.main", "--config=tests/tiny_config.py",
+       f"--workdir={workdir}", "--cpu_devices=1"], cwd=REPO, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True,
+      env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"))
+  deadline = time.time() + 240
+  while not (workdir / "trainer.lock").exists() and time.time() < deadline:
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGINT)  # the lock is taken just before the first compile
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err[-2000:]
+  assert err.strip().splitlines() == [
+      "Interrupted (Ctrl-C). Committed checkpoints are kept; run the same command again to "
+      "resume."], err[-2000:]
