@@ -68,13 +68,31 @@ class SaveWatcher:
     self._watched = -1
     self.failure: tuple[int, BaseException] | None = None
 
+  def _failed(self, step: int, e: BaseException) -> None:
+    """Keeps the failure of `step`'s save, unless `step` committed and only the removal
+    of old checkpoints (Orbax's garbage collection, after the commit) failed: that is a
+    warning, and the old checkpoints stay."""
+    if paths.exists(self._manager.directory / str(step) / "commit_success.txt"):
+      message = (f"Checkpoint step {step} is saved, but removing older checkpoints from "
+                 f"{self._manager.directory} failed ({_save_cause(e)}); they are kept. "
+                 "Remove what is not a checkpoint from that folder (links, other files).")
+      logging.warning(message)
+      print(message, file=sys.stderr, flush=True)
+      return
+    self.failure = self.failure or (step, e)
+
   def save(self, step: int, state, iter_state: dict, config) -> None:
     """`save` (below), then watch it; a failure of the previous save raises here too."""
-    try:
-      save(self._manager, step, state, iter_state, config)
-    except Exception as e:  # pylint: disable=broad-except
-      # Orbax re-raises a failed earlier save here; else this step's save failed.
-      self.failure = self.failure or (self._watched if self._watched >= 0 else step, e)
+    for _ in range(2):  # again once when an earlier save's clean-up failure was raised
+      try:
+        save(self._manager, step, state, iter_state, config)
+        break
+      except Exception as e:  # pylint: disable=broad-except
+        # Orbax re-raises a failed earlier save here; else this step's save failed.
+        earlier = self._watched if 0 <= self._watched != step else step
+        self._failed(earlier, e)
+        if self.failure is not None or earlier == step:
+          break
     self.raise_if_failed()
     self._watch(step)
 
@@ -86,7 +104,7 @@ class SaveWatcher:
       try:
         self._manager.wait_until_finished()
       except Exception as e:  # pylint: disable=broad-except
-        self.failure = (step, e)
+        self._failed(step, e)
 
     threading.Thread(target=wait, daemon=True, name=f"save-watch-{step}").start()
 
@@ -95,13 +113,15 @@ class SaveWatcher:
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      self.failure = self.failure or (self._watched, e)
+      self._failed(self._watched, e)
     self.raise_if_failed()
 
   def raise_if_failed(self) -> None:
     if self.failure is not None:
       step, e = self.failure
-      committed = [s for s in self._manager.all_steps() if s != step]
+      committed = [int(p.name) for p in self._manager.directory.iterdir()
+                   if p.name.isdigit() and int(p.name) != step
+                   and paths.exists(p / "commit_success.txt")]
       raise CheckpointSaveError(
           f"Saving checkpoint step {step} to {self._manager.directory} failed: "
           f"{_save_cause(e)}. The last committed checkpoint "
@@ -114,7 +134,25 @@ def checkpoint_dir(workdir: str) -> epath.Path:
   return paths.path(workdir) / "checkpoints"
 
 
+def _set_aside_foreign_steps(directory: epath.Path) -> None:
+  """Moves entries named like steps that are not folders (links, files) to
+  checkpoints/foreign/: Orbax would count them as steps, and removing them as old
+  checkpoints fails (or would delete what a link points to)."""
+  if paths.is_remote(directory) or not os.path.isdir(directory):
+    return  # object stores have no links
+  for name in sorted(os.listdir(directory)):
+    entry = os.path.join(directory, name)
+    if name.isdigit() and (os.path.islink(entry) or not os.path.isdir(entry)):
+      target = directory / "foreign" / name
+      paths.move(entry, target)
+      message = (f"{entry} is a link or a file, not a checkpoint folder; moved it to "
+                 f"{target} (nothing it points to was touched).")
+      logging.warning(message)
+      print(message, file=sys.stderr, flush=True)
+
+
 def create_manager(workdir: str, config) -> ocp.CheckpointManager:
+  _set_aside_foreign_steps(checkpoint_dir(workdir))
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.train.keep_checkpoints,
       keep_period=config.train.keep_every or None,

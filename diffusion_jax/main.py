@@ -4,6 +4,8 @@
 
 Config fields are overridden with --config.SECTION.FIELD=VALUE.
 """
+import errno
+import logging as std_logging
 import os
 import signal
 import sys
@@ -35,6 +37,9 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+    # A failed save (disk full) makes Orbax log hundreds of lines of tracebacks from its
+    # threads; the run reports it in one line (checkpoints.CheckpointSaveError).
+    logging.get_absl_handler().addFilter(quiet_library_errors)
   _load_config_or_exit()
   from diffusion_jax import checkpoints, config_lib, input_pipeline, paths, workdir_lock  # pylint: disable=import-outside-toplevel
   user_errors = (config_lib.ConfigError, paths.StorageError, workdir_lock.WorkdirLockedError,
@@ -58,10 +63,16 @@ def main(argv):
     print(f"\n{str(e) or 'Interrupted.'}\n{kept}; run the same command again to continue "
           "from them.", file=sys.stderr)
     sys.exit(130)
-  except user_errors as e:  # the problem and the fix, no traceback
-    if FLAGS["verbosity"].present:
+  except (OSError, *user_errors) as e:  # the problem and the fix, no traceback
+    no_space = isinstance(e, OSError) and e.errno == errno.ENOSPC
+    if FLAGS["verbosity"].present or not (isinstance(e, user_errors) or no_space):
       raise
-    print(f"error: {e} (--verbosity=1 shows the traceback)", file=sys.stderr)
+    if no_space:
+      e = f"no space left on the device ({e}). Free some space, then rerun the same command."
+    print(f"error: {e} (--verbosity=1 shows the traceback)", file=sys.stderr, flush=True)
+    if no_space or isinstance(e, checkpoints.CheckpointSaveError):
+      sys.stdout.flush()
+      os._exit(2)  # pylint: disable=protected-access  # Orbax's writer threads still fail
     sys.exit(2)
 
 
@@ -98,6 +109,15 @@ def _load_config_or_exit() -> None:
     if FLAGS["verbosity"].present:
       raise
     _exit_config_error(sys.argv, str(e))
+
+
+def quiet_library_errors(record) -> bool:
+  """A logging filter: False (drop) for the error records of Orbax, TensorStore and the
+  asyncio loop they write from, which the run reports itself in one line;
+  --verbosity=1 keeps them."""
+  path = record.pathname.replace(os.sep, "/")
+  return not (record.levelno >= std_logging.ERROR and
+              any(f"/{lib}/" in path for lib in ("orbax", "tensorstore", "asyncio")))
 
 
 def _exit_now(signum, frame):

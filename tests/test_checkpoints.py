@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import checkpoints, train
+from diffusion_jax import checkpoints, paths, train
 from tests import tiny_config
 
 
@@ -111,3 +111,58 @@ def test_model_and_objective_differences_are_named():
   assert checkpoints.model_mismatches(saved, other) == []
   assert checkpoints.objective_changes(saved, other) == [
       "diffusion.weighting: checkpoint 'debias', config 'p2'"]
+
+
+def test_a_step_that_is_a_link_or_a_file_is_set_aside_before_orbax_sees_it(tmp_path):
+  """Orbax counted a linked step as a checkpoint, and its clean-up then failed
+  ("Cannot call rmtree on a symbolic link"), which failed the save and the run."""
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  (elsewhere / "keep.txt").write_text("mine")
+  ck = tmp_path / "wd" / "checkpoints"
+  ck.mkdir(parents=True)
+  (ck / "1").symlink_to(elsewhere)
+  (ck / "3").write_text("not a folder")
+  (ck / "junk").mkdir()
+  config = tiny_config.get_config()
+  config.train.keep_checkpoints = 1
+  state = {"w": np.ones(3, np.float32)}
+  with checkpoints.create_manager(str(tmp_path / "wd"), config) as manager:
+    for step in (4, 5):
+      checkpoints.save(manager, step, state, {}, config)
+      manager.wait_until_finished()
+  assert sorted(p.name for p in ck.iterdir()) == ["5", "foreign", "junk"]
+  assert (ck / "foreign" / "1").is_symlink() and (ck / "foreign" / "3").is_file()
+  assert (elsewhere / "keep.txt").read_text() == "mine"
+
+
+class _Manager:
+  def __init__(self, directory):
+    self.directory = directory
+
+
+def test_a_failed_clean_up_after_a_committed_save_is_a_warning_not_a_failed_save(
+    tmp_path, capfd):
+  directory = paths.path(tmp_path)
+  for step in (4, 8):
+    (tmp_path / str(step)).mkdir()
+    (tmp_path / str(step) / "commit_success.txt").write_text("ok")
+  (tmp_path / "12").mkdir()  # not committed
+  watcher = checkpoints.SaveWatcher(_Manager(directory))
+  watcher._failed(8, OSError("Cannot call rmtree on a symbolic link"))
+  assert watcher.failure is None
+  assert "Checkpoint step 8 is saved, but removing older checkpoints" in capfd.readouterr().err
+  watcher._failed(12, OSError("[Errno 28] No space left on device"))
+  with pytest.raises(checkpoints.CheckpointSaveError,
+                     match=r"step 12 .*no space left .*checkpoint \(step 8\) is intact"):
+    watcher.raise_if_failed()
+
+
+def test_library_error_logs_are_dropped_unless_verbose():
+  import logging  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import main  # pylint: disable=import-outside-toplevel
+  record = lambda level, path: logging.LogRecord("absl", level, path, 1, "x", None, None)
+  orbax = "/site-packages/orbax/checkpoint/_src/checkpoint_manager.py"
+  assert not main.quiet_library_errors(record(logging.ERROR, orbax))
+  assert main.quiet_library_errors(record(logging.WARNING, orbax))
+  assert main.quiet_library_errors(record(logging.ERROR, "/repo/diffusion_jax/train.py"))
