@@ -14,6 +14,7 @@ Steps written before checksums existed restore unchecked.
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import sys
 
@@ -127,6 +128,15 @@ class SaveWatcher:
           f"{_save_cause(e)}. The last committed checkpoint "
           f"({'step ' + str(max(committed)) if committed else 'none yet'}) is intact; "
           "fix the cause, then rerun the same command to resume.")
+
+
+def quiet_library_errors(record) -> bool:
+  """A logging filter (the CLI's, unless --verbosity): False (drop) for the error
+  records of Orbax, TensorStore and the asyncio loop they write from. A full disk makes
+  them log hundreds of tracebacks from their threads; SaveWatcher reports it in one line."""
+  path = record.pathname.replace(os.sep, "/")
+  return not (record.levelno >= std_logging.ERROR and
+              any(f"/{lib}/" in path for lib in ("orbax", "tensorstore", "asyncio")))
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:

@@ -5,7 +5,6 @@
 Config fields are overridden with --config.SECTION.FIELD=VALUE.
 """
 import errno
-import logging as std_logging
 import os
 import signal
 import sys
@@ -39,7 +38,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
     # A failed save (disk full) makes Orbax log hundreds of lines of tracebacks from its
     # threads; the run reports it in one line (checkpoints.CheckpointSaveError).
-    logging.get_absl_handler().addFilter(quiet_library_errors)
+    from diffusion_jax import checkpoints  # pylint: disable=import-outside-toplevel
+    logging.get_absl_handler().addFilter(checkpoints.quiet_library_errors)
   _load_config_or_exit()
   from diffusion_jax import checkpoints, config_lib, input_pipeline, paths, workdir_lock  # pylint: disable=import-outside-toplevel
   user_errors = (config_lib.ConfigError, paths.StorageError, workdir_lock.WorkdirLockedError,
@@ -109,15 +109,6 @@ def _load_config_or_exit() -> None:
     if FLAGS["verbosity"].present:
       raise
     _exit_config_error(sys.argv, str(e))
-
-
-def quiet_library_errors(record) -> bool:
-  """A logging filter: False (drop) for the error records of Orbax, TensorStore and the
-  asyncio loop they write from, which the run reports itself in one line;
-  --verbosity=1 keeps them."""
-  path = record.pathname.replace(os.sep, "/")
-  return not (record.levelno >= std_logging.ERROR and
-              any(f"/{lib}/" in path for lib in ("orbax", "tensorstore", "asyncio")))
 
 
 def _exit_now(signum, frame):

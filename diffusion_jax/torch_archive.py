@@ -41,6 +41,7 @@ class ScriptObject:
 _MAX_ELEMENTS = 2**31  # per tensor; far above any weights file's, far below a crash
 # data.pkl of a weights file lists its tensors in tens of kilobytes; a bigger one is crafted.
 MAX_PICKLE_BYTES = 8 << 20
+MAX_MEMBERS = 10_000  # files in the zip; a weights file has one per storage, a few hundred
 MAX_ENTRIES = 1_000_000  # containers, keys and tensors of the graph, shared ones counted per use
 MAX_DEPTH = 100
 
@@ -258,7 +259,21 @@ def load(path: str, max_elements: int = _MAX_ELEMENTS):
       raise ValueError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
 
 
+def _check_member_count(file) -> None:
+  """Refuses a zip whose directory lists more than MAX_MEMBERS files, from its end record
+  and before zipfile reads the directory (an object per member)."""
+  end = zipfile._EndRecData(file)  # pylint: disable=protected-access
+  if end is None:
+    raise zipfile.BadZipFile("no end of central directory record")
+  members = end[zipfile._ECD_ENTRIES_TOTAL]  # pylint: disable=protected-access
+  if members > MAX_MEMBERS:
+    raise ValueError(f"it is a zip of {members:,} files, more than the {MAX_MEMBERS:,} a "
+                     "weights file has (one per storage); nothing was loaded.")
+  file.seek(0)
+
+
 def _load_archive(file, path: str, max_elements: int):
+  _check_member_count(file)
   with zipfile.ZipFile(file) as archive:
     pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
     if len(pickles) != 1:

@@ -160,9 +160,8 @@ def test_a_failed_clean_up_after_a_committed_save_is_a_warning_not_a_failed_save
 
 def test_library_error_logs_are_dropped_unless_verbose():
   import logging  # pylint: disable=import-outside-toplevel
-  from diffusion_jax import main  # pylint: disable=import-outside-toplevel
   record = lambda level, path: logging.LogRecord("absl", level, path, 1, "x", None, None)
   orbax = "/site-packages/orbax/checkpoint/_src/checkpoint_manager.py"
-  assert not main.quiet_library_errors(record(logging.ERROR, orbax))
-  assert main.quiet_library_errors(record(logging.WARNING, orbax))
-  assert main.quiet_library_errors(record(logging.ERROR, "/repo/diffusion_jax/train.py"))
+  assert not checkpoints.quiet_library_errors(record(logging.ERROR, orbax))
+  assert checkpoints.quiet_library_errors(record(logging.WARNING, orbax))
+  assert checkpoints.quiet_library_errors(record(logging.ERROR, "/repo/diffusion_jax/train.py"))

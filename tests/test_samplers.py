@@ -134,3 +134,44 @@ def test_an_interrupted_generate_keeps_its_batches_and_a_rerun_computes_only_the
   np.testing.assert_array_equal(resumed["images"], whole)
   assert not list((tmp_path / "resumed").glob("partial_*"))  # removed once written
   assert (tmp_path / "resumed" / "samples_grid.png").exists()
+
+
+@pytest.mark.slow  # a tiny training, then three sampling runs (~1.5 min)
+def test_sigterm_during_sample_mode_keeps_batches_and_the_rerun_finishes_them(tmp_path):
+  import os  # pylint: disable=import-outside-toplevel
+  import signal  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import train  # pylint: disable=import-outside-toplevel
+  from tests import tiny_config  # pylint: disable=import-outside-toplevel
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  train.train_and_sample(tiny_config.get_config(), str(tmp_path / "wd"))
+  shutil.copytree(tmp_path / "wd", tmp_path / "whole")
+  cmd = lambda wd: [sys.executable, "-m", "diffusion_jax.main", "--config=tests/tiny_config.py",
+                    f"--workdir={wd}", "--mode=sample", "--cpu_devices=1",
+                    "--config.sample.num_samples=40", "--config.sample.batch_size=4",
+                    "--config.sample.steps=20"]
+  env = dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen(cmd(tmp_path / "wd"), cwd=repo, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while not list((tmp_path / "wd").glob("samples/ddim_20/partial_*/batch_*.npz")):
+    assert time.time() < deadline and proc.poll() is None
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130 and "Finished batches are kept" in err, err[-2000:]
+  kept = len(list((tmp_path / "wd").glob("samples/ddim_20/partial_*/batch_*.npz")))
+  assert 1 <= kept < 10
+  rerun = subprocess.run(cmd(tmp_path / "wd"), cwd=repo, env=env, capture_output=True,
+                         text=True, timeout=300)
+  assert rerun.returncode == 0 and f"Resuming: {kept} of 10 batches" in rerun.stdout, (
+      rerun.stdout + rerun.stderr[-2000:])
+  whole = subprocess.run(cmd(tmp_path / "whole"), cwd=repo, env=env, capture_output=True,
+                         text=True, timeout=300)
+  assert whole.returncode == 0
+  got, want = (np.load(tmp_path / d / "samples/ddim_20/samples.npz")["arr_0"]
+               for d in ("wd", "whole"))
+  np.testing.assert_array_equal(got, want)

@@ -88,13 +88,17 @@ def test_a_second_trainer_is_refused_and_the_first_runs_on(tmp_path):
   assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
 
 
-def _contend(workdir, start, attempted, results):
-  """One forked contender: start together, try once, hold a won lock until all tried.
+# Runs in a fresh interpreter (no JAX threads to fork): 100 forked contenders race for a
+# stale lock, three times; prints the number of winners of each race.
+_RACE = """
+import json, multiprocessing, os, random, socket, subprocess, sys, time
+from diffusion_jax import workdir_lock
+from diffusion_jax.workdir_lock import WorkdirLock, WorkdirLockedError
 
-  Judging staleness is slowed by a random 0–20 ms, as a loaded machine would, so that
-  contenders interleave between reading the stale lock and replacing it.
-  """
-  import random  # pylint: disable=import-outside-toplevel
+
+def contend(workdir, start, attempted, results):
+  # Judging staleness is slowed by a random 0-20 ms, as on a loaded machine, so that
+  # contenders interleave between reading the stale lock and replacing it.
   judge = workdir_lock._stale_reason
   workdir_lock._stale_reason = lambda *a: (time.sleep(random.uniform(0, 0.02)), judge(*a))[1]
   start.wait()
@@ -105,33 +109,41 @@ def _contend(workdir, start, attempted, results):
   except WorkdirLockedError:
     won = False
   results.put(won)
-  attempted.wait()
+  attempted.wait()  # a winner holds the lock until every contender has tried
   if won:
     lock.release()
 
 
+ctx, n, winners = multiprocessing.get_context("fork"), 100, []
+for trial in range(3):
+  workdir = os.path.join(sys.argv[1], f"run{trial}")
+  os.makedirs(workdir)
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  with open(os.path.join(workdir, workdir_lock.LOCK_FILE), "w") as f:
+    json.dump({"host": socket.gethostname(), "pid": dead.pid, "started": 0,
+               "heartbeat": 0}, f)
+  start, attempted, results = ctx.Barrier(n), ctx.Barrier(n), ctx.Queue()
+  procs = [ctx.Process(target=contend, args=(workdir, start, attempted, results))
+           for _ in range(n)]
+  for p in procs:
+    p.start()
+  outcomes = [results.get(timeout=120) for _ in range(n)]
+  for p in procs:
+    p.join(timeout=60)
+    assert p.exitcode == 0, p.exitcode
+  assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE + ".takeover"))
+  winners.append(sum(outcomes))
+print(json.dumps(winners))
+"""
+
+
 def test_of_100_contenders_for_a_stale_lock_exactly_one_wins(tmp_path):
-  import multiprocessing  # pylint: disable=import-outside-toplevel
-  ctx = multiprocessing.get_context("fork")
-  winners = []
-  for trial in range(3):
-    workdir = tmp_path / f"run{trial}"
-    workdir.mkdir()
-    (workdir / workdir_lock.LOCK_FILE).write_text(json.dumps(
-        {"host": socket.gethostname(), "pid": _dead_pid(), "started": 0, "heartbeat": 0}))
-    n = 100
-    start, attempted, results = ctx.Barrier(n), ctx.Barrier(n), ctx.Queue()
-    procs = [ctx.Process(target=_contend, args=(str(workdir), start, attempted, results))
-             for _ in range(n)]
-    for p in procs:
-      p.start()
-    outcomes = [results.get(timeout=120) for _ in range(n)]
-    for p in procs:
-      p.join(timeout=60)
-      assert p.exitcode == 0
-    winners.append(sum(outcomes))
-    assert not (workdir / f"{workdir_lock.LOCK_FILE}.takeover").exists()
-  assert winners == [1, 1, 1]
+  race = subprocess.run([sys.executable, "-c", _RACE, str(tmp_path)], cwd=REPO,
+                        env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
+                        text=True, timeout=600)
+  assert race.returncode == 0, race.stderr[-3000:]
+  assert json.loads(race.stdout.strip().splitlines()[-1]) == [1, 1, 1], race.stderr[-2000:]
 
 
 @pytest.mark.parametrize("content", [b"", b"[]", b'{"pid": "x"}', b'{"host": "h", "pi'])
