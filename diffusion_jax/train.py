@@ -439,7 +439,7 @@ def _train(config, workdir: str) -> TrainState:
   last_log_time, last_log_step = time.time(), step
   bar = tqdm(total=num_steps, initial=step, disable=jax.process_index() != 0,
              desc="train", unit="step", dynamic_ncols=True)
-  with _PreemptionWatch() as preempted, input_pipeline.Prefetcher(
+  with bar, _PreemptionWatch() as preempted, input_pipeline.Prefetcher(
       data_iter, to_global, config.data.prefetch) as prefetcher:
     next_batch = prefetcher.next
     batch, batch_iter_state = next_batch() if step < num_steps else (None, None)
@@ -494,7 +494,6 @@ def _train(config, workdir: str) -> TrainState:
       if preempted.raised:
         logging.warning("Preempted: saved step %d; exiting.", step)
         break
-  bar.close()
   if int(state.nonfinite_steps):
     logging.warning("nan_policy=skip dropped %d of %d steps (non-finite loss or gradient).",
                     int(state.nonfinite_steps), step)
