@@ -18,23 +18,12 @@ import numpy as np
 import pytest
 
 from diffusion_jax import convert, torch_archive
+from tests.test_torch_archive import _int, _str, _tuple  # opcode writers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROTO = b"\x80\x02"
 MARK, TUPLE2, EMPTY_LIST, EMPTY_DICT, SETITEM, POP, STOP = (
     b"(", b"\x86", b"]", b"}", b"s", b"0", b".")
-
-
-def _str(s: str) -> bytes:
-  data = s.encode()
-  return b"X" + struct.pack("<I", len(data)) + data
-
-
-def _int(v: int) -> bytes:
-  if -2**31 <= v < 2**31:
-    return b"J" + struct.pack("<i", v)
-  data = v.to_bytes((v.bit_length() + 8) // 8, "little", signed=True)
-  return b"\x8a" + bytes([len(data)]) + data
 
 
 def _put(i: int) -> bytes:
@@ -43,10 +32,6 @@ def _put(i: int) -> bytes:
 
 def _get(i: int) -> bytes:
   return b"j" + struct.pack("<I", i)
-
-
-def _tuple(items) -> bytes:
-  return MARK + b"".join(_int(i) for i in items) + b"t"
 
 
 def _storage(key: str, numel: int) -> bytes:
