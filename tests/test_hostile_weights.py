@@ -258,4 +258,4 @@ def test_convert_refuses_the_reported_files_in_one_line_with_exit_2(name, tmp_pa
   assert HOSTILE[name][1] in lines[0], lines[0]
   assert int(lines[1].split()[1]) < 1024 * 1024, lines  # peak RSS under 1 GB
   assert not (tmp_path / "wd" / "checkpoints").exists()
-  print(f"{name}: {elapsed:.1f} s, {lines[0]}")
+  print(f"{name}: {elapsed:.1f} s, peak RSS {int(lines[1].split()[1]) / 1024:.0f} MB, {lines[0]}")
