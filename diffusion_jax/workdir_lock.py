@@ -58,12 +58,13 @@ def _parse(raw: bytes) -> dict | None:
   """The holder record of a lock file's bytes, or None when they are not one."""
   try:
     holder = json.loads(raw)
-    if isinstance(holder, dict):
-      int(holder.get("pid", -1)), float(holder.get("heartbeat", 0))  # pylint: disable=expression-not-assigned
-      return holder
+    if not isinstance(holder, dict):
+      return None
+    int(holder.get("pid", -1))  # the fields _stale_reason reads must parse
+    float(holder.get("heartbeat", 0))
+    return holder
   except (ValueError, TypeError, RecursionError):
-    pass
-  return None
+    return None
 
 
 def _stale_reason(holder: dict, now: float) -> str | None:
