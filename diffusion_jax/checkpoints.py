@@ -175,10 +175,8 @@ def _as_words(x: jax.Array) -> jax.Array:
   """The bits of `x` as uint32 words (one per element; 8-byte elements give two)."""
   if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
     x = jax.random.key_data(x)
-  if x.dtype.itemsize == 4:
+  if x.dtype.itemsize in (4, 8):  # 8-byte elements become (..., 2)
     return jax.lax.bitcast_convert_type(x, jnp.uint32)
-  if x.dtype.itemsize == 8:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32)  # (..., 2)
   if x.dtype == jnp.bool_:
     return x.astype(jnp.uint32)
   unsigned = {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize]

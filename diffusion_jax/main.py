@@ -64,12 +64,14 @@ def main(argv):
           "from them.", file=sys.stderr)
     sys.exit(130)
   except (OSError, *user_errors) as e:  # the problem and the fix, no traceback
-    no_space = isinstance(e, OSError) and e.errno == errno.ENOSPC
+    no_space = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG,
+                                                      errno.EDQUOT)
     if FLAGS["verbosity"].present or not (isinstance(e, user_errors) or no_space):
       raise
-    if no_space:
-      e = f"no space left on the device ({e}). Free some space, then rerun the same command."
-    print(f"error: {e} (--verbosity=1 shows the traceback)", file=sys.stderr, flush=True)
+    message = (f"no space left on the device ({e}). Free some space, then rerun the same "
+               "command." if no_space else str(e))
+    print(f"error: {message} (--verbosity=1 shows the traceback)", file=sys.stderr,
+          flush=True)
     if no_space or isinstance(e, checkpoints.CheckpointSaveError):
       sys.stdout.flush()
       os._exit(2)  # pylint: disable=protected-access  # Orbax's writer threads still fail
@@ -77,7 +79,8 @@ def main(argv):
 
 
 def _config_catalogue() -> str:
-  """The config files beside this package, quickstart first."""
+  """The config files beside this package, quickstart first (the installed project's
+  own folder, never a user path, so plain os.path)."""
   import glob  # pylint: disable=import-outside-toplevel
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   names = [os.path.basename(p) for p in glob.glob(os.path.join(root, "configs", "[!_]*.py"))]

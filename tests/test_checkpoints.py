@@ -3,6 +3,7 @@ decide whether a checkpoint fits a config."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from diffusion_jax import checkpoints, paths, train
@@ -94,6 +95,12 @@ def test_checksums_find_one_changed_word_in_any_array(tmp_path):
     manager.wait_until_finished()
     assert checkpoints.damaged_arrays(manager, 1, state) is None
     assert "['w']" in checkpoints.damaged_arrays(manager, 1, changed)
+    # A step written before checksums existed has no such item: it restores unchecked.
+    manager.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            data_iter=ocp.args.JsonSave({}),
+                                            config=ocp.args.JsonSave(config.to_dict())))
+    manager.wait_until_finished()
+    assert checkpoints.damaged_arrays(manager, 2, changed) is None
 
 
 def test_model_and_objective_differences_are_named():
