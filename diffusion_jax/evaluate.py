@@ -234,7 +234,7 @@ class _Progress:
     nfe = sum(a for a, _ in plan.values())
     inc = sum(b for _, b in plan.values())
     tqdm.write(f"Evaluation: {len(plan)} pieces, {nfe:,} network evaluations (images × "
-               f"steps) and {inc:,} Inception images; about {_duration(sum(self.cost.values()))}"
+               f"steps) and {inc:,} Inception images; about {reporting.duration(sum(self.cost.values()))}"
                f" here ({seconds_per_nfe * 1e3:.2f} ms per image-step, "
                f"{seconds_per_inception * 1e3:.0f} ms per Inception image, measured; "
                "pieces saved by an earlier run with the same settings are reused).")
@@ -250,12 +250,7 @@ class _Progress:
     spent = sum(self.cost.values()) - sum(self.left.values())
     remaining = sum(self.left.values()) * (elapsed / spent if spent > 0 else 1.0)
     tqdm.write(f"  done: {name} ({len(self.cost) - len(self.left)}/{len(self.cost)}); "
-               f"{_duration(elapsed)} so far, about {_duration(remaining)} left")
-
-
-def _duration(seconds: float) -> str:
-  minutes, sec = divmod(round(seconds), 60)
-  return f"{minutes} min {sec:02d} s" if minutes else f"{sec} s"
+               f"{reporting.duration(elapsed)} so far, about {reporting.duration(remaining)} left")
 
 
 def _unit_costs(run: run_lib.Run, inception, config) -> tuple[float, float]:
@@ -319,7 +314,10 @@ def evaluate_runs(runs: list[run_lib.Run], config, out_dir: str, cache_dir: str)
         runs[0].config.data, runs[0].config.model.num_classes, cache_dir,
         cached=classifier_cached, write=primary)
   plan = _work_plan(runs, config, cached_reference=reference_cached)
-  progress = _Progress(plan, *_unit_costs(runs[0], inception, config))
+  with reporting.Spinner("timing the network and Inception for the estimate (compiles both)",
+                         enabled=primary):
+    unit_costs = _unit_costs(runs[0], inception, config)
+  progress = _Progress(plan, *unit_costs)
   reference = reference_statistics(config, inception, cache_dir, cached=reference_cached,
                                    write=primary)
   if "reference" in plan:
@@ -434,7 +432,7 @@ def evaluate_runs(runs: list[run_lib.Run], config, out_dir: str, cache_dir: str)
         report["fid_vs_steps"] = fid
         report["files"]["fid_vs_steps"] = written(
             out / "fid_vs_steps.png", lambda: analysis.plot_fid_vs_steps(
-                fid, out / "fid_vs_steps.png"))
+                fid, out / "fid_vs_steps.png", model=_model_title(runs)))
         save_report()
 
   if e.train_curve:
@@ -461,6 +459,13 @@ def evaluate_runs(runs: list[run_lib.Run], config, out_dir: str, cache_dir: str)
   report["files"]["evaluation"] = os.fspath(out / "evaluation.json")
   save_report()
   return report
+
+
+def _model_title(runs: list[run_lib.Run]) -> str:
+  """What the runs' plots are of, e.g. "adm_unet on fashion_mnist 32 px, step 2400"."""
+  return "; ".join(sorted({
+      f"{r.config.model.name} on {r.config.data.dataset} {r.config.model.image_size} px, "
+      f"step {r.train_step}" for r in runs}))
 
 
 def _join(base, *parts) -> str:

@@ -1,4 +1,5 @@
-"""What a run writes for people: JSONL + TensorBoard scalars, PNG grids and loss curves."""
+"""What a run writes for people: JSONL + TensorBoard scalars, PNG grids, loss curves, and
+the console's elapsed-time line for work without steps of its own (compiling)."""
 from __future__ import annotations
 
 import io
@@ -6,7 +7,9 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -89,6 +92,12 @@ class MetricWriter:
     if time.monotonic() - self._last_flush >= self._flush_every_s:
       self.flush()
 
+  def latest(self, key: str) -> float | None:
+    """The last value logged for scalar `key` in this workdir (earlier runs included),
+    or None."""
+    steps = [step for step, row in self._rows.items() if key in row]
+    return self._rows[max(steps)][key] if steps else None
+
   def write_text(self, step: int, name: str, text: str) -> None:
     """A note at `step`: in its metrics.jsonl row (as a string) and in TensorBoard."""
     if not self.enabled:
@@ -164,3 +173,56 @@ def plot_loss_curve(workdir: str) -> str:
   paths.save_figure(fig, path, dpi=100)
   plt.close(fig)
   return os.fspath(path)
+
+
+def duration(seconds: float) -> str:
+  """`seconds` for people: "7 min 05 s", "42 s", "1 h 02 min"."""
+  minutes, sec = divmod(round(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  if hours:
+    return f"{hours} h {minutes:02d} min"
+  return f"{minutes} min {sec:02d} s" if minutes else f"{sec} s"
+
+
+class Spinner:
+  """`with Spinner("compiling the sampler"):` shows what runs and for how long.
+
+  On a terminal the line turns and counts seconds (twice a second) and ends as
+  "compiling the sampler: 12.3 s"; in a log file it writes that final line only, so
+  logs get one line, not hundreds. Writes to stderr, like the progress bars.
+  """
+
+  FRAMES = "|/-\\"
+
+  def __init__(self, what: str, enabled: bool = True, stream=None):
+    self.what, self.enabled = what, enabled
+    self.stream = stream or sys.stderr
+    self._stop = threading.Event()
+    self._thread = None
+    self.start = 0.0
+
+  def _turn(self) -> None:
+    frame = 0
+    while not self._stop.wait(0.5):
+      frame += 1
+      self.stream.write(f"\r{self.FRAMES[frame % 4]} {self.what}… "
+                        f"{time.time() - self.start:.0f} s")
+      self.stream.flush()
+
+  def __enter__(self):
+    self.start = time.time()
+    if self.enabled and getattr(self.stream, "isatty", lambda: False)():
+      self._thread = threading.Thread(target=self._turn, daemon=True)
+      self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+      self.stream.write("\r\033[K")  # clears the turning line
+    if self.enabled:
+      state = "" if exc[0] is None else " (stopped)"
+      self.stream.write(f"{self.what}: {time.time() - self.start:.1f} s{state}\n")
+      self.stream.flush()
+    return False

@@ -177,15 +177,21 @@ def generate(model, diffusion, params, sample_config, out_dir: str, *, class_con
   num_batches = -(-total // bsz)
   if done and jax.process_index() == 0:
     print(f"Resuming: {len(done)} of {num_batches} batches already in {partial}.", flush=True)
+  labels_of = lambda b: (np.arange(b * bsz, (b + 1) * bsz) % num_classes).astype(np.int32)
+  key_of = lambda b: np.asarray(jax.random.fold_in(base, b))
+  if len(done) < num_batches:  # compiled before the bar starts, so the bar moves at once
+    with reporting.Spinner(f"compiling the {sample_config.sampler} sampler "
+                           f"({sample_config.steps} steps)",
+                           enabled=jax.process_index() == 0):
+      run = run.lower(params, key_of(0), labels_of(0)).compile()
   images, labels = [], []
   for b in tqdm(range(num_batches), desc=f"sample ({sample_config.sampler})", unit="batch",
                 disable=jax.process_index() != 0):
-    y = (np.arange(b * bsz, (b + 1) * bsz) % num_classes).astype(np.int32)
+    y = labels_of(b)
     if b in done:
       batch = paths.load_npz(done[b])["images"]
     else:
-      key = np.asarray(jax.random.fold_in(base, b))
-      batch = np.asarray(run(params, key, y))
+      batch = np.asarray(run(params, key_of(b), y))
       if partial is not None and write:
         paths.save_npz(partial / f"batch_{b:06d}.npz", images=batch)
     images.append(batch)

@@ -437,17 +437,23 @@ def _train(config, workdir: str) -> TrainState:
   num_steps = config.train.num_steps
   pending: list[dict] = []
   last_log_time, last_log_step = time.time(), step
+  if writer.enabled and step < num_steps:
+    tqdm.write(_plan(config, workdir, step, mesh, writer.latest("compile_s")))
+  # delay: the bar first shows at the first step, after the compile's own line.
   bar = tqdm(total=num_steps, initial=step, disable=jax.process_index() != 0,
-             desc="train", unit="step", dynamic_ncols=True)
+             desc="train", unit="step", dynamic_ncols=True, delay=0.1)
   with bar, _PreemptionWatch() as preempted, input_pipeline.Prefetcher(
       data_iter, to_global, config.data.prefetch) as prefetcher:
     next_batch = prefetcher.next
     batch, batch_iter_state = next_batch() if step < num_steps else (None, None)
+    eta_from = None  # (step, time) where the step time starts being measured
     if batch is not None:
       t0 = time.time()
-      step_fn = step_fn.lower(state, batch).compile()
+      with reporting.Spinner("compiling the train step", enabled=writer.enabled):
+        step_fn = step_fn.lower(state, batch).compile()
       writer.write_scalars(step, {"compile_s": time.time() - t0})
       last_log_time = time.time()
+      eta_from = (step, last_log_time)
     while step < num_steps:
       state, metrics = step_fn(state, batch)
       step += 1
@@ -471,6 +477,9 @@ def _train(config, workdir: str) -> TrainState:
         writer.write_scalars(step, summary)
         last_summary = summary
         bar.set_postfix(loss=f"{summary['loss']:.4f}", img_s=f"{summary['images_per_s']:.1f}")
+        if eta_from is not None and writer.enabled and step < num_steps:
+          tqdm.write(_eta(eta_from, step, num_steps, config))
+        eta_from = None
         if summary["finite"] < 1 and config.train.nan_policy == "skip":
           dropped = int(state.nonfinite_steps)
           logging.warning("nan_policy=skip: %d step(s) with a non-finite loss or gradient "
@@ -527,12 +536,40 @@ def _recognisability(config, workdir: str, images: np.ndarray):
   return classifier.score(images), classifier.reference
 
 
+def _plan(config, workdir: str, step: int, mesh, last_compile_s: float | None) -> str:
+  """What a run is about to do, printed before its first compile."""
+  t = config.train
+  devices = f"{mesh.size} {jax.devices()[0].platform} device{'s' * (mesh.size > 1)}"
+  if jax.process_count() > 1:
+    devices += f" in {jax.process_count()} processes"
+  previous = (f" (the last one in this workdir took {last_compile_s:.0f} s)"
+              if last_compile_s is not None else "")
+  return (f"Plan: steps {step} → {t.num_steps}, batch {config.data.batch_size} over "
+          f"{devices}, a checkpoint every {t.checkpoint_every} steps.\n"
+          f"  Outputs in {workdir}: checkpoints/, metrics.jsonl, loss_curve.png, "
+          f"{reporting.FINAL_SAMPLES}.\n"
+          f"  First the train step compiles{previous}; the time left follows once "
+          f"{t.log_every} steps are measured.")
+
+
+def _eta(since: tuple[int, float], step: int, num_steps: int, config) -> str:
+  """The measured step time since `since` = (step, time) and what it predicts."""
+  seconds = (time.time() - since[1]) / max(step - since[0], 1)
+  every = config.train.sample_every
+  grids = len(range(every * (step // every + 1), num_steps, every)) if every else 0
+  extras = [f"{grids} sample grid{'s' * (grids > 1)}"] if grids else []
+  extras.append("the final samples"
+                + (" and their recognisability" if config.eval.classifier else ""))
+  return (f"Step time {seconds:.3f} s (steps {since[0] + 1}–{step}) → about "
+          f"{reporting.duration(seconds * (num_steps - step))} for the "
+          f"{num_steps - step} steps left, plus {', '.join(extras)}.")
+
+
 def _run_summary(step, first_step, num_steps, wall_s, loss, outputs, recognisable) -> str:
   """The end-of-run message: what was trained and where everything went."""
-  minutes, seconds = divmod(round(wall_s), 60)
   done = "Finished" if step >= num_steps else "Stopped"
   lines = [f"{done} at step {step} of {num_steps}: {step - first_step} steps in "
-           f"{minutes} min {seconds:02d} s"
+           f"{reporting.duration(wall_s)}"
            + (f", final loss {loss:.4f} (mean of the last log interval)." if loss is not None
               else ".")]
   if recognisable is not None:

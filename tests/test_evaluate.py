@@ -284,3 +284,34 @@ def test_a_compare_whose_training_is_preempted_stops_instead_of_starting_the_nex
   assert "[constant] stopped at step" in err and "run the same command again" in err
   assert checkpoints.checkpoint_steps(str(tmp_path / "runs" / "constant"))
   assert not (tmp_path / "runs" / "debias").exists()
+
+
+def _drawn_figure(monkeypatch, results, **kwargs):
+  """The matplotlib figure plot_fid_vs_steps draws for `results` (kept open)."""
+  figures = []
+  monkeypatch.setattr(analysis, "_save", lambda fig, path, dpi=100: figures.append(fig))
+  analysis.plot_fid_vs_steps(results, "unused.png", **kwargs)
+  return figures[0]
+
+
+def test_fid_plot_labels_few_points_and_draws_sfid_on_its_own_axes(monkeypatch):
+  point = lambda fid, sfid: {"fid": fid, "sfid": sfid, "n_samples": 200}
+  fig = _drawn_figure(monkeypatch, {"debias": {"ddim": {10: point(130.6, 40.2),
+                                                        20: point(118.5, 35.0)}}},
+                      model="adm_unet on fashion_mnist 32 px, step 2400")
+  fid_ax, sfid_ax = fig.axes
+  assert (fid_ax.get_ylabel(), sfid_ax.get_ylabel()) == ("FID", "sFID")
+  assert [line.get_linestyle() for line in fid_ax.lines] == ["None"]  # markers, no line
+  assert [t.get_text() for t in fid_ax.texts] == ["130.6", "118.5"]
+  assert [t.get_text() for t in sfid_ax.texts] == ["40.2", "35.0"]
+  title = fig._suptitle.get_text()
+  for part in ("adm_unet on fashion_mnist 32 px, step 2400", "ddim", "200 samples"):
+    assert part in title
+
+
+def test_fid_plot_draws_a_line_through_more_than_three_points(monkeypatch):
+  curve = {s: {"fid": 300 / s, "n_samples": 64} for s in (5, 10, 20, 50)}
+  fig = _drawn_figure(monkeypatch, {"constant": {"unipc": curve}})
+  (ax,) = fig.axes
+  assert [line.get_linestyle() for line in ax.lines] == ["-"] and not ax.texts
+  assert "unipc, 64 samples per point" in fig._suptitle.get_text()

@@ -235,30 +235,41 @@ def plot_colour_stats(tables: dict[str, dict], path: str) -> str:
 
 # --- 3. and 4. FID curves --------------------------------------------------------------
 
-def plot_fid_vs_steps(results: dict[str, dict[str, dict[int, dict]]], path: str) -> str:
-  """results[label][sampler][steps] = metrics dict (with "fid", "n_samples"). FID (log) and
-  sFID when present."""
+def plot_fid_vs_steps(results: dict[str, dict[str, dict[int, dict]]], path: str,
+                      model: str = "") -> str:
+  """results[label][sampler][steps] = metrics dict (with "fid", "n_samples", optional
+  "sfid"). FID and sFID on separate axes; a series of at most 3 points is drawn as
+  labelled markers (a line through so few points suggests a trend it cannot show).
+  The title names `model` (e.g. "adm_unet, fashion_mnist 32 px, step 2400"), the
+  samplers and the sample count."""
   plt = _pyplot()
   has_sfid = any("sfid" in m for r in results.values() for s in r.values() for m in s.values())
-  fig, axes = plt.subplots(1, 2 if has_sfid else 1, figsize=(11 if has_sfid else 6, 4),
-                           squeeze=False)
-  n, all_steps = None, set()
+  metrics = ("fid", "sfid") if has_sfid else ("fid",)
+  fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+  counts, samplers, all_steps = set(), set(), set()
   for label, per_sampler in results.items():
     for sampler, per_steps in per_sampler.items():
       steps = sorted(per_steps)
       all_steps.update(steps)
-      n = per_steps[steps[0]]["n_samples"]
-      axes[0, 0].plot(steps, [per_steps[s]["fid"] for s in steps], marker="o",
-                      label=f"{label} ({sampler})")
-      if has_sfid:
-        axes[0, 1].plot(steps, [per_steps[s]["sfid"] for s in steps], marker="o",
+      samplers.add(sampler)
+      counts.update(per_steps[s]["n_samples"] for s in steps)
+      for ax, key in zip(axes[0], metrics):
+        values = [per_steps[s][key] for s in steps]
+        few = len(steps) <= 3
+        line, = ax.plot(steps, values, marker="o", linestyle="none" if few else "-",
                         label=f"{label} ({sampler})")
-  for ax, name in zip(axes[0], ("FID", "sFID")):
+        if few:
+          for s, v in zip(steps, values):
+            ax.annotate(f"{v:.1f}", (s, v), textcoords="offset points", xytext=(6, 4),
+                        fontsize=8, color=line.get_color())
+  for ax, key in zip(axes[0], metrics):
     _step_ticks(ax, sorted(all_steps))
-    ax.set(xlabel="sampling steps", ylabel=name,
-           title=f"{name} against sampling steps ({n} samples)")
+    ax.set(xlabel="sampling steps", ylabel=key.upper().replace("SFID", "sFID"))
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
+  n = "/".join(str(c) for c in sorted(counts))
+  fig.suptitle(f"{model + ': ' if model else ''}{', '.join(sorted(samplers))}, "
+               f"{n} samples per point", fontsize=10)
   return _save(fig, path)
 
 
