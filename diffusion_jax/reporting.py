@@ -189,14 +189,14 @@ class Spinner:
 
   On a terminal the line turns and counts seconds (twice a second) and ends as
   "compiling the sampler: 12.3 s"; in a log file it writes that final line only, so
-  logs get one line, not hundreds. Writes to stderr, like the progress bars.
+  logs get one line, not hundreds. Writes to stdout, with the run's other messages.
   """
 
   FRAMES = "|/-\\"
 
   def __init__(self, what: str, enabled: bool = True, stream=None):
     self.what, self.enabled = what, enabled
-    self.stream = stream or sys.stderr
+    self.stream = stream or sys.stdout
     self._stop = threading.Event()
     self._thread = None
     self.start = 0.0

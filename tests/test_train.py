@@ -347,6 +347,12 @@ def test_a_run_ends_with_a_summary_and_a_finished_run_is_not_redone(tmp_path):
   assert first.returncode == 0, first.stderr[-3000:]
   out = first.stdout
   assert "Finished at step 6 of 6: 6 steps in" in out and "final loss" in out
+  # The plan comes before the first compile; the time left once a log interval is timed.
+  plan = "Plan: steps 0 → 6, batch 8 over 1 cpu device,"
+  order = [out.find(s) for s in (plan, f"  Outputs in {tmp_path}: checkpoints/",
+                                 "compiling the train step: ", "Step time ",
+                                 "compiling the ddim sampler", "Finished at step 6")]
+  assert -1 not in order and order == sorted(order), out
   for line in (f"checkpoint: {tmp_path}/checkpoints/6", f"samples:    {tmp_path}/samples.png",
                f"loss curve: {tmp_path}/loss_curve.png", f"metrics:    {tmp_path}/metrics.jsonl"):
     assert line in out, out
