@@ -1,4 +1,4 @@
-"""AFHQ-dog 256: the paper's unconditional ADM run; the weighting is the config argument.
+"""AFHQ-dog 256 px, the paper's unconditional ADM; weighting as argument.
 
 Prepare the images once (a folder of PNG/JPEG, searched recursively), then train:
   python -m diffusion_jax.main --config=configs/afhq_dog256.py:debias --workdir=WD \

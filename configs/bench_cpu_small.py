@@ -1,4 +1,4 @@
-"""The CPU benchmark configurations, equal to the official runner's cases.
+"""CPU benchmark cases small32/paper64, equal to the official runner's.
 
   python -m diffusion_jax.bench --config=configs/bench_cpu_small.py --baseline
   python -m diffusion_jax.bench --config=configs/bench_cpu_small.py:paper64 \\

@@ -1,4 +1,4 @@
-"""CelebA-HQ 256: the paper's unconditional ADM run; the weighting is the config argument.
+"""CelebA-HQ 256 px, the paper's unconditional ADM; weighting as argument.
 
 Prepare the images once (a folder of PNG/JPEG, searched recursively), then train:
   python -m diffusion_jax.main --config=configs/celebahq256.py:debias --workdir=WD \

@@ -1,4 +1,4 @@
-"""CIFAR-10 32×32, class-conditional, batch 32, from TFDS (read without TensorFlow).
+"""CIFAR-10 32 px, class-conditional, batch 32, from TFDS without TensorFlow.
 
   python -m diffusion_jax.main --config=configs/cifar10.py:debias --workdir=WD \
       --config.data.data_dir=/path/to/tensorflow_datasets

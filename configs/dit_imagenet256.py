@@ -1,4 +1,4 @@
-"""DiT-XL on ImageNet 256×256 in pixel space (latent-free), class-conditional.
+"""DiT-XL on ImageNet 256 px in pixel space (latent-free), class-conditional.
 
   python -m diffusion_jax.main --config=configs/dit_imagenet256.py:debias --workdir=gs://B/WD \
       --config.data.data_dir=gs://B/tensorflow_datasets

@@ -1,4 +1,4 @@
-"""DiT quickstart: a small class-conditional diffusion transformer on Fashion-MNIST, CPU minutes.
+"""The quickstart with a small class-conditional DiT instead of the UNet.
 
   python -m diffusion_jax.main --config=configs/dit_quickstart.py --workdir=workdirs/dit_quickstart
 

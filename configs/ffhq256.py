@@ -1,4 +1,4 @@
-"""FFHQ 256: the paper's unconditional ADM run; the weighting is the config argument.
+"""FFHQ 256 px, the paper's unconditional ADM; weighting as argument.
 
 Prepare the images once (a folder of PNG/JPEG, searched recursively), then train:
   python -m diffusion_jax.main --config=configs/ffhq256.py:debias --workdir=WD \

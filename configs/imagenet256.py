@@ -1,4 +1,4 @@
-"""ImageNet 256×256, class-conditional ADM (guided-diffusion's 256 conditional model).
+"""ImageNet 256 px, guided-diffusion's class-conditional ADM.
 
   python -m diffusion_jax.main --config=configs/imagenet256.py:debias --workdir=WD \
       --config.data.data_dir=/path/to/tensorflow_datasets

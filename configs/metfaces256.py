@@ -1,4 +1,4 @@
-"""MetFaces 256: the paper's unconditional ADM run; the weighting is the config argument.
+"""MetFaces 256 px, the paper's unconditional ADM; weighting as argument.
 
 Prepare the images once (a folder of PNG/JPEG, searched recursively), then train:
   python -m diffusion_jax.main --config=configs/metfaces256.py:debias --workdir=WD \

@@ -1,4 +1,4 @@
-"""Quickstart: the paper's debias weighting on Fashion-MNIST, about 10 minutes on 2 CPU cores.
+"""Quickstart: the paper's debias weighting on Fashion-MNIST 32 px, on a CPU.
 
   python -m diffusion_jax.main --config=configs/quickstart.py --workdir=workdirs/quickstart
 

@@ -79,13 +79,22 @@ def main(argv):
 
 
 def _config_catalogue() -> str:
-  """The config files beside this package, quickstart first (the installed project's
-  own folder, never a user path, so plain os.path)."""
+  """The config files beside this package with their docstrings' first lines, quickstart
+  first, on one line (the installed project's own folder, never a user path, so plain
+  os.path; the files are parsed, not run)."""
+  import ast  # pylint: disable=import-outside-toplevel
   import glob  # pylint: disable=import-outside-toplevel
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  names = [os.path.basename(p) for p in glob.glob(os.path.join(root, "configs", "[!_]*.py"))]
-  names = sorted((n for n in names if n != "default.py"), key=lambda n: (n != "quickstart.py", n))
-  return ", ".join(f"configs/{n}" for n in names) + " (each file's docstring says what it runs)"
+  found = sorted(glob.glob(os.path.join(root, "configs", "[!_]*.py")),
+                 key=lambda p: (os.path.basename(p) != "quickstart.py", p))
+  entries = []
+  for file in found:
+    if os.path.basename(file) == "default.py":
+      continue
+    with open(file, encoding="utf-8") as f:
+      doc = ast.get_docstring(ast.parse(f.read())) or ""
+    entries.append(f"configs/{os.path.basename(file)} ({doc.split(chr(10))[0].rstrip('.')})")
+  return "; ".join(entries)
 
 
 def _exit_config_error(argv, text: str) -> None:

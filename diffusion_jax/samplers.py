@@ -183,7 +183,8 @@ def generate(model, diffusion, params, sample_config, out_dir: str, *, class_con
     with reporting.Spinner(f"compiling the {sample_config.sampler} sampler "
                            f"({sample_config.steps} steps)",
                            enabled=jax.process_index() == 0):
-      run = run.lower(params, key_of(0), labels_of(0)).compile()
+      run = run.lower(params, jax.ShapeDtypeStruct(base.shape, base.dtype),
+                      jax.ShapeDtypeStruct((bsz,), np.int32)).compile()
   images, labels = [], []
   for b in tqdm(range(num_batches), desc=f"sample ({sample_config.sampler})", unit="batch",
                 disable=jax.process_index() != 0):

@@ -73,7 +73,9 @@ def test_user_errors_are_one_line_and_exit_2(args, message, tmp_path):
   assert lines[0].startswith("error: ") and message in lines[0], run.stderr[-2000:]
   assert "Traceback" not in run.stderr
   if args[0].startswith("--config=configs/quickstar") or "tests/__init__" in args[0]:
-    assert len(lines) == 2 and "configs/quickstart.py" in lines[1]  # the configs there are
+    assert len(lines) == 2  # the configs there are, each with its docstring's first line
+    assert "configs/quickstart.py (Quickstart: the paper's debias weighting" in lines[1]
+    assert "configs/celebahq256.py (CelebA-HQ 256 px" in lines[1]
   else:
     assert len(lines) == 1
 
