@@ -2,7 +2,7 @@
 
   python -m diffusion_jax.main --config=configs/cifar10.py:debias --workdir=WD \
       --config.data.data_dir=/path/to/tensorflow_datasets
-The TFDS dataset must be prepared in ArrayRecord format (see the README, Datasets).
+The TFDS dataset must be prepared in ArrayRecord format (see docs/guide.md, Datasets).
 """
 from configs import default
 

@@ -9,13 +9,13 @@ TensorBoard events and the final checkpoint, and prints where they are with the
 samples' recognisability: the fraction a small Fashion-MNIST classifier (trained once,
 cached in the workdir) assigns one class with probability ≥ 0.8, against the same for
 real test images, and the class histogram. Expect grainy but recognisable garments
-(see the README for the measured numbers): this is minutes of CPU, not a converged
+(the README gives the measured numbers): this is minutes of CPU, not a converged
 model. Rerunning the command resumes an unfinished run and leaves a finished one alone.
 
 Why this recipe: at 1,200 steps (the first version) about half the samples were white
 blobs or, with DDIM, static; 2,400 steps removed the blobs, and decaying the learning
 rate (cosine) cut DDIM-20's static samples from 16% to 4% at equal DDPM quality. EMA
-0.995 beat 0.998 and 0.999 at this length (measured; see the README).
+0.995 beat 0.998 and 0.999 at this length (measured; see docs/results.md).
 
 `configs/quickstart.py:photo_patches` trains the same recipe on 32×32 colour crops of
 the photographs packaged with scikit-image/scikit-learn (the colour dataset for the

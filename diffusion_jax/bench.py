@@ -14,7 +14,7 @@ MFU is reported where the device's peak is known (GPUs and TPUs).
 
 runs this benchmark and the paper's official PyTorch step (../shared/baseline/
 run_ref_step.sh, case --baseline_case) alternately, --baseline_runs separate processes of
-each, and prints both medians and the ratio: the only kind of ratio the README reports.
+each, and prints both medians and the ratio: the only kind of ratio docs/benchmarks.md reports.
 Pass flags as --name=value.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ device), compute dtype (float32, bfloat16) and use_checkpoint (off, on):
   compiled; the weights the backward reads are included). This is an upper bound of
   the same order as the real need: XLA fuses elementwise ops into their consumers and
   recomputes them in the backward pass instead of storing them, so compiled steps keep
-  less (see the README for an H100 measurement beside it). Under fsdp the step also
+  less (see docs/benchmarks.md for an H100 measurement beside it). Under fsdp the step also
   gathers the weights it uses (at most the full params, in the compute dtype).
 
 Prints a Markdown table with the fit (state + activation bound) against H100 (80 GB),
