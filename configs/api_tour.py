@@ -3,8 +3,8 @@
 Used by the README's programmatic example (`from configs import api_tour`): a model
 small and short enough to train, sample and score from Python in a couple of minutes
 on a CPU. It trains no classifier and runs no evaluation of its own; the example scores
-its samples explicitly. Its samples are blurry shapes, not garments: 300 steps show
-the API, not the method (the quickstart's 2,400 steps are the smallest run that does).
+its samples explicitly. Its samples are still static, not garments: 300 steps show
+the API, not the method (the quickstart's 2,400 steps are where garments appear).
 """
 from configs import quickstart
 
