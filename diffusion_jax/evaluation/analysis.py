@@ -265,6 +265,7 @@ def plot_fid_vs_steps(results: dict[str, dict[str, dict[int, dict]]], path: str,
   for ax, key in zip(axes[0], metrics):
     _step_ticks(ax, sorted(all_steps))
     ax.set(xlabel="sampling steps", ylabel=key.upper().replace("SFID", "sFID"))
+    ax.margins(x=0.12, y=0.15)  # room for the value labels at the edges
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   n = "/".join(str(c) for c in sorted(counts))
