@@ -1,5 +1,7 @@
 """API tour: the README's Python example, the quickstart's UNet for 300 steps.
 
+  python -m diffusion_jax.main --config=configs/api_tour.py --workdir=workdirs/api_tour
+
 Used by the README's programmatic example (`from configs import api_tour`): a model
 small and short enough to train, sample and score from Python in a couple of minutes
 on a CPU. It trains no classifier and runs no evaluation of its own; the example scores
