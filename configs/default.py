@@ -8,7 +8,7 @@ and override any field on the command line, e.g. `--config.diffusion.weighting=p
 import ml_collections
 
 from diffusion_jax import models
-from diffusion_jax import resample
+from diffusion_jax.objective import tdensity
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -25,15 +25,15 @@ def get_config() -> ml_collections.ConfigDict:
       target="eps",                # eps | x0 | v
       var_type="learned_range",    # fixed_small | fixed_large | learned_range
       loss_type="rescaled_mse",    # mse | rescaled_mse (hybrid) | kl | rescaled_kl
-      weighting="debias",          # see diffusion_jax.weighting.available()
+      weighting="debias",          # see diffusion_jax.objective.available()
       # uniform | loss-second-moment | importance | logit_normal | laplace_logsnr
-      # (diffusion_jax/resample.py: each keeps the uniform-t objective unless
+      # (diffusion_jax/objective/tdensity.py: each keeps the uniform-t objective unless
       # weighting_params.density_is_weight)
       timestep_sampler="uniform",
   ))
   # The fixed densities' parameters: logit_normal (loc, scale), laplace_logsnr (mu, b).
   c.diffusion.timestep_sampler_params = ml_collections.ConfigDict(
-      resample.DENSITY_DEFAULTS)
+      tdensity.DENSITY_DEFAULTS)
   # Parameters of the weighting; None = the weighting's own default. `space`: eps
   # (same objective for every target) or target (the official code's convention).
   c.diffusion.weighting_params = ml_collections.ConfigDict(dict(

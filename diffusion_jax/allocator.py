@@ -5,7 +5,7 @@ train step) and frees it afterwards. glibc serves blocks that large with a new m
 returns them to the kernel on free, so every step faults in and zeroes every page again:
 on the project's 2-core machine about 130,000 page faults and 0.2 s of kernel time per
 step. tcmalloc keeps the freed block and hands it back next step; the train step ran
-18–35% faster under it (PERF_NOTES.md, 2026-11-27 session 9). The allocator has to be chosen before the
+18–35% faster under it (PERF_NOTES.md). The allocator has to be chosen before the
 process starts, so the entry points (`python -m diffusion_jax.main`, `.bench`) re-execute
 themselves once with the library in LD_PRELOAD.
 

@@ -9,10 +9,12 @@ config that does not fit it is an error naming the fields.
 `checksums` holds two 32-bit sums of every array of the state, computed on the devices
 from the arrays being saved; a restore recomputes them, so bytes changed on disk after
 the save (a flipped bit, a bad copy) are found, and the step is treated as damaged.
-Steps written before checksums existed restore unchecked.
+Steps written before checksums existed restore unchecked, and steps written before a
+state field was renamed (RENAMED_STATE_FIELDS) restore into the new name.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging as std_logging
 import os
@@ -29,6 +31,9 @@ from diffusion_jax import config_lib
 from diffusion_jax import paths
 
 ITEMS = ("state", "data_iter", "config", "checksums")
+
+# TrainState fields renamed since checkpoints were first written: {new: old name}.
+RENAMED_STATE_FIELDS = {"objective_state": "sampler_state"}
 
 
 class NoCheckpointError(FileNotFoundError):
@@ -222,6 +227,32 @@ def save(manager: ocp.CheckpointManager, step: int, state, iter_state: dict, con
       checksums=ocp.args.JsonSave({"format": 1, "sums": checksums(state)})))
 
 
+def _old_names(manager: ocp.CheckpointManager, step: int) -> dict[str, str]:
+  """{field: the older name `step` stores it under} for renamed fields it predates."""
+  try:
+    stored = set(ocp.StandardCheckpointHandler().metadata(
+        manager.directory / str(step) / "state").keys())
+  except Exception:  # pylint: disable=broad-except
+    return {}  # unreadable metadata: the restore itself reports the step as damaged
+  return {new: old for new, old in RENAMED_STATE_FIELDS.items()
+          if new not in stored and old in stored}
+
+
+def _restore_with_state(manager: ocp.CheckpointManager, step: int, target, **items):
+  """(TrainState, the other restored items) of `step`, `target` giving the state's
+  structure (ShapeDtypeStruct leaves), whatever names of RENAMED_STATE_FIELDS it uses."""
+  old = _old_names(manager, step)
+  fields = {f.name: getattr(target, f.name) for f in dataclasses.fields(target)}
+  stored_target = {old.get(k, k): v for k, v in fields.items()} if old else target
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(stored_target), **items))
+  state = restored.state
+  if old:
+    new_name = {v: k for k, v in old.items()}
+    state = target.replace(**{new_name.get(k, k): v for k, v in state.items()})
+  return state, restored
+
+
 def damaged_arrays(manager: ocp.CheckpointManager, step: int, state) -> str | None:
   """Why the restored `state` of `step` differs from what was saved (the first few
   arrays whose checksums differ), or None when it matches or the step has no checksums."""
@@ -229,6 +260,9 @@ def damaged_arrays(manager: ocp.CheckpointManager, step: int, state) -> str | No
     return None  # written before checksums existed
   saved = manager.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))
   saved = (saved.checksums or {}).get("sums", {})
+  for new, old in _old_names(manager, step).items():
+    saved = {(f".{new}" + k[len(old) + 1:] if k.startswith(f".{old}") else k): v
+             for k, v in saved.items()}
   now = checksums(state)
   differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
   if not differ:
@@ -322,10 +356,10 @@ def _restore_step(manager, step: int, state, shardings, config):
         "--config.train.allow_objective_change=True to continue under the new objective "
         "on purpose. The checkpoint was left untouched.")
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract_with_shardings(state, shardings)),
-        data_iter=ocp.args.JsonRestore()))
-    damage = damaged_arrays(manager, step, restored.state)
+    restored_state, restored = _restore_with_state(
+        manager, step, _abstract_with_shardings(state, shardings),
+        data_iter=ocp.args.JsonRestore())
+    damage = damaged_arrays(manager, step, restored_state)
   except Exception as e:  # pylint: disable=broad-except
     raise _Unreadable(f"its train state cannot be read ({_one_line(e)})") from None
   if damage:
@@ -333,7 +367,7 @@ def _restore_step(manager, step: int, state, shardings, config):
   if changes:
     logging.warning("Objective changed at step %d (allow_objective_change): %s", step,
                     "; ".join(changes))
-  return restored.state, restored.data_iter, changes
+  return restored_state, restored.data_iter, changes
 
 
 def _read_only_manager(workdir: str) -> ocp.CheckpointManager:
@@ -388,15 +422,14 @@ def restore_state(workdir: str, abstract_state, step: int | None = None):
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state)
   with _read_only_manager(workdir) as manager:
     step = _resolve_step(manager, step, workdir)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))
-    damage = damaged_arrays(manager, step, restored.state)
+    restored, _ = _restore_with_state(manager, step, target)
+    damage = damaged_arrays(manager, step, restored)
   if damage:
     raise CheckpointConfigError(
         f"Checkpoint step {step} in {workdir} is damaged: {damage}. Resume training on "
         "the workdir (--mode=train) to set it aside and continue from the newest good "
         "step, or restore the files from a copy.")
-  return restored.state
+  return restored
 
 
 # Fields that change what a checkpoint means or its structure.

@@ -11,15 +11,12 @@ from typing import Any, NamedTuple
 
 import jax
 import ml_collections
-import numpy as np
 import optax
 
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import input_pipeline
-from diffusion_jax import learned_weighting
 from diffusion_jax import models
-from diffusion_jax import resample
-from diffusion_jax import weighting as weighting_lib
+from diffusion_jax import objective as objective_lib
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("einsum", "fused")
@@ -208,12 +205,7 @@ def _validate(config, num_devices: int | None) -> None:
   validate_eval_fields(config)
   d = config.diffusion
   diffusion_lib.check_settings(d.target, d.var_type, d.loss_type)
-  build_timestep_sampler(config, build_diffusion(config))
-  params = weighting_params(config)
-  weighting_lib.loss_weight(d.weighting, np.array([0.5, 2.0]), target=d.target, **params)
-  if d.weighting == "learned" and d.loss_type not in ("mse", "rescaled_mse"):
-    raise ValueError(f"diffusion.weighting='learned' weights the MSE term; "
-                     f"loss_type={d.loss_type!r} has none. Use mse or rescaled_mse.")
+  build_objective(config, build_diffusion(config))
   if config.model.learn_sigma != (d.var_type == "learned_range"):
     raise ValueError(f"model.learn_sigma={config.model.learn_sigma} conflicts with "
                      f"diffusion.var_type={d.var_type!r}: a learned variance needs "
@@ -254,14 +246,16 @@ def build_diffusion(config) -> diffusion_lib.GaussianDiffusion:
   d = config.diffusion
   return diffusion_lib.create_diffusion(
       d.schedule, d.num_timesteps, target=d.target, var_type=d.var_type,
-      loss_type=d.loss_type, weighting=d.weighting, weighting_params=weighting_params(config))
+      loss_type=d.loss_type)
 
 
-def build_timestep_sampler(config, diffusion) -> resample.TimestepSampler:
+def build_objective(config, diffusion) -> objective_lib.Objective:
+  """config.diffusion's weighting and timestep density over `diffusion`."""
   d = config.diffusion
-  return resample.TimestepSampler.for_diffusion(
-      d.timestep_sampler, diffusion, density_is_weight=d.weighting_params.density_is_weight,
-      **d.timestep_sampler_params)
+  return objective_lib.build(
+      diffusion, d.weighting, weighting_params(config), d.timestep_sampler,
+      dict(d.timestep_sampler_params), d.weighting_params.density_is_weight,
+      lr=config.optim.learned_weight_lr)
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -280,21 +274,18 @@ def learning_rate_schedule(config):
 
 
 class Components(NamedTuple):
-  """What a training config builds: the network, the diffusion, the optimiser, the
-  t-sampler, and (weighting="learned" only) the learned weighting."""
+  """What a training config builds: the network, the diffusion, the optimiser and the
+  objective (weighting, timestep density and any stateful term)."""
   model: Any
   diffusion: diffusion_lib.GaussianDiffusion
   tx: optax.GradientTransformation
-  timestep_sampler: resample.TimestepSampler
-  learned_weight: learned_weighting.LearnedWeighting | None = None
+  objective: objective_lib.Objective
 
 
 def build(config) -> Components:
   diffusion = build_diffusion(config)
-  learned = (learned_weighting.LearnedWeighting(lr=config.optim.learned_weight_lr)
-             if config.diffusion.weighting == "learned" else None)
   return Components(build_model(config), diffusion, build_optimizer(config),
-                    build_timestep_sampler(config, diffusion), learned)
+                    build_objective(config, diffusion))
 
 
 class TrainSettings(NamedTuple):

@@ -1,7 +1,7 @@
 """Gaussian diffusion: forward process, posterior, model mean/variance, losses, VLB.
 
 A pure-functional port of guided-diffusion's `GaussianDiffusion` (names kept so the two
-can be read side by side), extended with x0/v targets and SNR loss weightings.
+can be read side by side), extended with x0/v targets. The loss weighting lives in `objective`.
 
 Shapes: images are NHWC float arrays in [−1, 1]; `t` is an int array of shape (B,)
 indexing the diffusion's own steps 0..T−1. `model_fn(x_t, t_model)` returns the
@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import schedules
-from diffusion_jax import weighting as weighting_lib
 
 TARGETS = ("eps", "x0", "v")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
@@ -118,39 +117,14 @@ class GaussianDiffusion:
       log space, as in Nichol & Dhariwal).
     loss_type: "mse", "rescaled_mse" (the hybrid loss: weighted MSE plus the VLB on
       the variance, scaled by T/1000), "kl" or "rescaled_kl".
-    weighting: a name from `weighting.available()`.
-    weighting_params: the weighting's parameters plus `space`, `normalize` and
-      `max_weight` (see `weighting.loss_weight`).
     timestep_map: (T,) original step of each step, for a respaced process.
   """
 
   def __init__(self, betas, *, target: str = "eps", var_type: str = "fixed_small",
-               loss_type: str = "mse", weighting: str = "constant",
-               weighting_params: dict | None = None, timestep_map=None):
+               loss_type: str = "mse", timestep_map=None):
     check_settings(target, var_type, loss_type)
-    params = dict(weighting_params or {})
     tables = schedules.derived_arrays(betas)
     n = len(tables["betas"])
-    weight = np.asarray(weighting_lib.loss_weight(
-        weighting, tables["snr"], target=target, reference_snr=tables["snr"], **params),
-                        dtype=np.float64)
-    bad = np.flatnonzero(~np.isfinite(weight))
-    if bad.size:
-      raise ValueError(
-          f"Loss weighting {weighting!r} with {params} is not finite at steps "
-          f"{bad[:8].tolist()} (SNR there: {tables['snr'][bad[:3]].tolist()}); set "
-          "weighting_params.max_weight or use a schedule whose SNR stays in (0, ∞).")
-    negative = np.flatnonzero(weight < 0)
-    if negative.size or not np.any(weight > 0):
-      where = (f"negative at steps {negative[:8].tolist()} (e.g. {weight[negative[0]]:.4g})"
-               if negative.size else "zero at every step")
-      raise ValueError(
-          f"Loss weighting (diffusion.weighting) {weighting!r} with weighting_params "
-          f"{params} is {where}: a negative weight "
-          "trains the network away from the data and an all-zero one trains nothing. "
-          "Weights must be finite and ≥ 0 with some > 0: keep min_snr's and p2's gamma "
-          "and p2's k positive and finite, and max_weight > 0.")
-    tables["loss_weight"] = weight
     # guided-diffusion's fixed_large uses the posterior variance at t=0 for a better
     # decoder likelihood.
     tables["fixed_large_variance"] = np.append(tables["posterior_variance"][1],
@@ -163,8 +137,7 @@ class GaussianDiffusion:
       raise ValueError(f"timestep_map has shape {timestep_map.shape}; expected ({n},).")
     self._tables = {k: np.asarray(v, dtype=np.float64) for k, v in tables.items()}
     self._tables["timestep_map"] = timestep_map
-    self._static = (target, var_type, loss_type, weighting,
-                    tuple(sorted(params.items())), n)
+    self._static = (target, var_type, loss_type, n)
 
   # --- pytree plumbing: arrays are leaves, the configuration is static. ---
   def tree_flatten(self):
@@ -187,9 +160,7 @@ class GaussianDiffusion:
   target = property(lambda self: self._static[0])
   var_type = property(lambda self: self._static[1])
   loss_type = property(lambda self: self._static[2])
-  weighting = property(lambda self: self._static[3])
-  weighting_params = property(lambda self: dict(self._static[4]))
-  num_timesteps = property(lambda self: self._static[5])
+  num_timesteps = property(lambda self: self._static[3])
   learns_sigma = property(lambda self: self.var_type == "learned_range")
 
   def respace(self, section_counts) -> "GaussianDiffusion":
@@ -200,15 +171,13 @@ class GaussianDiffusion:
     """
     keep = schedules.space_timesteps(self.num_timesteps, section_counts)
     betas, index = schedules.respace_betas(self._tables["betas"], keep)
-    target, var_type, loss_type, weighting, params, _ = self._static
+    target, var_type, loss_type, _ = self._static
     return GaussianDiffusion(betas, target=target, var_type=var_type, loss_type=loss_type,
-                             weighting=weighting, weighting_params=dict(params),
                              timestep_map=self._tables["timestep_map"][index])
 
   def __repr__(self):
     return (f"GaussianDiffusion(T={self.num_timesteps}, target={self.target!r}, "
-            f"var_type={self.var_type!r}, loss_type={self.loss_type!r}, "
-            f"weighting={self.weighting!r}, weighting_params={self.weighting_params})")
+            f"var_type={self.var_type!r}, loss_type={self.loss_type!r})")
 
   def _at(self, name: str, t, x) -> jax.Array:
     return _extract(jnp.asarray(self._tables[name], _compute_dtype(x)), t, x.ndim)
@@ -343,38 +312,28 @@ class GaussianDiffusion:
     return {"output": output, "pred_xstart": out["pred_xstart"]}
 
   def training_losses(self, model_fn: ModelFn, x_start, t, noise) -> dict:
-    """Per-example training losses, each of shape (B,).
+    """The per-example terms of the training loss, each (B,), before any weighting.
 
-    For mse losses: `mse` is the weighted MSE of the target, `vb` (learned variance
-    only) the VLB term trained through the variance alone, `loss` their sum. For kl
-    losses: `loss` = `vb` and `mse` is the unweighted target MSE, for logging.
+    `mse`: the unweighted MSE of the target. `vb`, with a learned variance or a kl loss
+    type: the VLB term in bits/dim (with a learned variance trained through the variance
+    channels alone; scaled by T/1000 for rescaled_mse and by T for rescaled_kl). The
+    objective (`objective.Objective`) weights and combines them.
     """
     x_t = self.q_sample(x_start, t, noise)
     model_output = model_fn(x_t, self.model_timesteps(t))
     mean_out, var_values = self.split_model_output(model_output, x_start)
-    target = self.training_target(x_start, t, noise)
-    sq_err = (target - mean_out) ** 2
-    terms = {}
+    terms = {"mse": mean_flat((self.training_target(x_start, t, noise) - mean_out) ** 2)}
     if self.loss_type in ("kl", "rescaled_kl"):
       vb = self.vb_terms_bpd(model_fn, x_start, x_t, t, clip_denoised=False,
                              model_output=model_output)["output"]
-      if self.loss_type == "rescaled_kl":
-        vb = vb * self.num_timesteps
-      terms["vb"] = vb
-      terms["mse"] = mean_flat(sq_err)
-      terms["loss"] = vb
-      return terms
-    terms["mse"] = mean_flat(self._at("loss_weight", t, x_start) * sq_err)
-    if self.learns_sigma:
+      terms["vb"] = vb * self.num_timesteps if self.loss_type == "rescaled_kl" else vb
+    elif self.learns_sigma:
       frozen = jnp.concatenate([jax.lax.stop_gradient(mean_out), var_values], axis=-1)
       vb = self.vb_terms_bpd(model_fn, x_start, x_t, t, clip_denoised=False,
                              model_output=frozen)["output"]
       if self.loss_type == "rescaled_mse":
         vb = vb * (self.num_timesteps / 1000.0)
       terms["vb"] = vb
-      terms["loss"] = terms["mse"] + vb
-    else:
-      terms["loss"] = terms["mse"]
     return terms
 
   def prior_bpd(self, x_start):
@@ -415,7 +374,7 @@ def create_diffusion(schedule: str = "linear", num_timesteps: int = 1000,
                      timestep_respacing: str = "", **kwargs) -> GaussianDiffusion:
   """A diffusion from a named schedule, respaced if asked (guided-diffusion semantics).
 
-  `kwargs` go to `GaussianDiffusion` (target, var_type, loss_type, weighting, ...).
+  `kwargs` go to `GaussianDiffusion` (target, var_type, loss_type).
   """
   diff = GaussianDiffusion(schedules.get_named_beta_schedule(schedule, num_timesteps),
                            **kwargs)

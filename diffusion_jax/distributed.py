@@ -35,8 +35,8 @@ def initialize() -> None:
 
 _HOST_DEVICE_FLAG = "--xla_force_host_platform_device_count"
 # XLA:CPU's YNNPACK library for dots and reductions, and its Eigen convolutions rather than
-# YNNPACK's: a train step +6% at 32 px and +8% at 64 px side by side on 2 cores (PERF_NOTES.md,
-# 2026-11-27 session 7). Measured with jaxlib 0.10.x only; other versions keep XLA's default.
+# YNNPACK's: a train step +6% at 32 px and +8% at 64 px side by side on 2 cores
+# (PERF_NOTES.md). Measured with jaxlib 0.10.x only; other versions keep XLA's default.
 _YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 CPU_LIBRARY_FLAGS = (f"{_YNN_FUSION_FLAG}=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
                      "LIBRARY_FUSION_TYPE_REDUCE")
@@ -45,7 +45,7 @@ _CPU_LIBRARY_FLAGS_JAXLIB = "0.10."
 
 # Fewer images than this per XLA device cost more in per-device work (the optimizer runs
 # on every device) than splitting the batch gains: on 2 cores, batch 4 trained 16–22%
-# faster on one device than on two, batch 16 the same (PERF_NOTES.md, session 7).
+# faster on one device than on two, batch 16 the same (PERF_NOTES.md).
 MIN_IMAGES_PER_DEVICE = 8
 
 

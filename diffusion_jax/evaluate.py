@@ -26,15 +26,13 @@ from diffusion_jax import checkpoints
 from diffusion_jax import config_lib
 from diffusion_jax import distributed
 from diffusion_jax import input_pipeline
-from diffusion_jax import learned_weighting
 from diffusion_jax import models
 from diffusion_jax import paths
 from diffusion_jax import reporting
-from diffusion_jax import resample
 from diffusion_jax import run as run_lib
 from diffusion_jax import samplers
 from diffusion_jax import train
-from diffusion_jax import weighting as weighting_lib
+from diffusion_jax import objective as objective_lib
 from diffusion_jax.evaluation import analysis
 from diffusion_jax.evaluation import inception as inception_lib
 from diffusion_jax.evaluation import metrics
@@ -56,8 +54,8 @@ def validate_eval_config(config, compare_mode: bool = False) -> None:
     if len(names) < 2 or unknown or len(specs) != len(names):
       raise ValueError(
           f"config.compare.weightings={config.compare.weightings!r}: give two or more "
-          f"distinct runs, each a weighting from {weighting_lib.available()}, optionally "
-          f"+ a timestep sampler from {list(resample.TIMESTEP_SAMPLERS)} "
+          f"distinct runs, each a weighting from {objective_lib.available()}, optionally "
+          f"+ a timestep sampler from {list(objective_lib.tdensity.DENSITY_NAMES)} "
           "(e.g. 'constant,debias,debias+importance')."
           + (f" Not understood: {unknown}." if unknown else ""))
 
@@ -67,22 +65,22 @@ def _run_spec(name: str, config):
   defaults to config.diffusion.timestep_sampler), or None when it names neither."""
   weighting, _, sampler = name.partition("+")
   sampler = sampler or config.diffusion.timestep_sampler
-  if weighting not in weighting_lib.available() or sampler not in resample.TIMESTEP_SAMPLERS:
+  if (weighting not in objective_lib.available()
+      or sampler not in objective_lib.tdensity.DENSITY_NAMES):
     return None
   return weighting, sampler
 
 
-def learned_weight_curve(run: run_lib.Run) -> dict:
-  """A learned-weighting run's effective ε-weight w₀(t)/exp(u(λ_t)) for every t, and its
-  base weighting's w₀(t): {"t", "effective", "base", "base_name"} as lists."""
-  config = run.config
-  diffusion = run.diffusion
-  base = config.diffusion.weighting_params.base or "debias"
-  w0 = weighting_lib.epsilon_weight(base, np.asarray(diffusion.snr))
-  lw = learned_weighting.LearnedWeighting(lr=config.optim.learned_weight_lr)
-  effective = lw.effective_weight(run.weight_params, w0, diffusion.log_snr)
-  return {"t": list(range(diffusion.num_timesteps)), "effective": effective.tolist(),
-          "base": np.asarray(w0).tolist(), "base_name": base}
+def weight_curve(run: run_lib.Run) -> dict | None:
+  """A stateful weighting's effective weight on the MSE at every t (e.g. w₀(t)/exp(u(λ_t))
+  for `learned`) and its base weighting's w₀(t): {"t", "effective", "base", "base_name"}
+  as lists; None for a fixed weighting."""
+  objective = run.objective
+  if objective.term is None:
+    return None
+  effective = objective.effective_weight(run.objective_state)
+  return {"t": list(range(len(effective))), "effective": effective.tolist(),
+          "base": objective.loss_weight.tolist(), "base_name": objective.term.base}
 
 
 def data_images(data_config, num: int, seed: int, split: str | None = None):
@@ -352,7 +350,7 @@ def evaluate_runs(runs: list[run_lib.Run], config, out_dir: str, cache_dir: str)
     progress.done(name)
     return value, arrays
 
-  learned = {r.label: learned_weight_curve(r) for r in runs if r.weight_params is not None}
+  learned = {r.label: c for r in runs if (c := weight_curve(r)) is not None}
   if learned:
     report["learned_weight"] = learned
     report["files"]["learned_weight"] = written(

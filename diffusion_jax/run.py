@@ -14,7 +14,6 @@ import ml_collections
 
 from diffusion_jax import checkpoints
 from diffusion_jax import config_lib
-from diffusion_jax import learned_weighting
 from diffusion_jax import models
 from diffusion_jax import paths
 from diffusion_jax import samplers
@@ -50,7 +49,7 @@ class Run:
   config: ml_collections.ConfigDict
   params: dict
   train_step: int
-  weight_params: dict | None = None  # weighting="learned": the u(log-SNR) network
+  objective_state: dict | None = None  # e.g. a learned weighting's u(log-SNR) network
 
   @property
   def model(self):
@@ -59,6 +58,10 @@ class Run:
   @property
   def diffusion(self):
     return config_lib.build_diffusion(self.config)
+
+  @property
+  def objective(self):
+    return config_lib.build_objective(self.config, self.diffusion)
 
   def model_fn(self, labels=None):
     """model_fn(x, t) of this run's params (labels: (B,) int32 for a class-conditional
@@ -72,11 +75,9 @@ def open_run(workdir: str, label: str = "", ema_rate: float = -1,
   (-1: the first), labelled `label` (default: the run's weighting)."""
   saved = checkpoints.saved_config(workdir, step)
   state = load_checkpoint(workdir, step)
-  learned = state.sampler_state.get(learned_weighting.STATE_KEY)
   return Run(label=label or saved.diffusion.weighting, workdir=workdir, config=saved,
              params=state.ema_params[ema_index(saved, ema_rate, "eval.ema_rate")],
-             train_step=int(state.step),
-             weight_params=None if learned is None else learned["params"])
+             train_step=int(state.step), objective_state=state.objective_state)
 
 
 def sample_from_workdir(config, workdir: str) -> dict:

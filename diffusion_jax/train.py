@@ -29,7 +29,6 @@ from tqdm.auto import tqdm
 from diffusion_jax import checkpoints
 from diffusion_jax import config_lib
 from diffusion_jax import input_pipeline
-from diffusion_jax import learned_weighting
 from diffusion_jax import models
 from diffusion_jax import paths
 from diffusion_jax import reporting
@@ -43,18 +42,16 @@ class TrainState:
 
   step: int32 scalar, steps taken. rng: uint32 (2,) base key, folded with the step.
   ema_params: one params pytree per config.optim.ema_rates entry, in that order.
-  sampler_state: the objective's own state: the timestep sampler's loss history, and
-  with weighting="learned" the u-network's params and Adam state under
-  learned_weighting.STATE_KEY (kept here so that other runs' checkpoints keep their
-  structure). nonfinite_steps: int32 count
-  of steps whose update was dropped for a NaN/Inf loss, gradient or learning rate.
+  objective_state: the objective's state (objective.Objective.init): the timestep
+  density's loss history and any stateful weighting's state. nonfinite_steps: int32
+  count of steps whose update was dropped for a NaN/Inf loss, gradient or learning rate.
   """
   step: jax.Array
   params: Any
   ema_params: list
   opt_state: Any
   rng: jax.Array
-  sampler_state: dict
+  objective_state: dict
   nonfinite_steps: jax.Array
 
 
@@ -88,7 +85,7 @@ def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
 def state_sharding(mesh: Mesh, state) -> Any:
   """NamedShardings for `state` (a TrainState of arrays or ShapeDtypeStructs): params,
   ema_params and opt_state by `fsdp_spec` over the mesh's 'fsdp' axis; the step, RNG and
-  sampler state replicated."""
+  objective state replicated."""
   fsdp = mesh.shape["fsdp"]
   shard = lambda tree: jax.tree_util.tree_map(
       lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp)), tree)
@@ -96,7 +93,7 @@ def state_sharding(mesh: Mesh, state) -> Any:
   return state.replace(
       step=replicate(state.step), params=shard(state.params),
       ema_params=shard(state.ema_params), opt_state=shard(state.opt_state),
-      rng=replicate(state.rng), sampler_state=replicate(state.sampler_state),
+      rng=replicate(state.rng), objective_state=replicate(state.objective_state),
       nonfinite_steps=replicate(state.nonfinite_steps))
 
 
@@ -116,17 +113,13 @@ def init_state(components: config_lib.Components, settings: config_lib.TrainSett
                key) -> TrainState:
   """A fresh TrainState: params from `key`, every EMA equal to them."""
   params = models.init_params(components.model, key)
-  sampler_state = components.timestep_sampler.init()
-  if components.learned_weight is not None:
-    sampler_state[learned_weighting.STATE_KEY] = components.learned_weight.init(
-        jax.random.fold_in(key, 1))
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
       ema_params=[params for _ in settings.ema_rates],
       opt_state=components.tx.init(params),
       rng=jax.random.key_data(jax.random.PRNGKey(settings.seed)),
-      sampler_state=sampler_state,
+      objective_state=components.objective.init(key),
       nonfinite_steps=jnp.zeros((), jnp.int32))
 
 
@@ -183,22 +176,17 @@ def make_train_step(components: config_lib.Components, settings: config_lib.Trai
   batch: dict of image float32 (B, H, W, C) in [−1, 1] and label int32 (B,), global.
   The step's randomness (t, noise, dropout) comes from fold_in(state.rng, step).
   """
-  model, diffusion, tx, timestep_sampler, learned = components
+  model, diffusion, tx, objective = components
   rates, accum = settings.ema_rates, settings.grad_accum_steps
   class_cond, schedule = settings.class_cond, settings.learning_rate
-  log_snr = jnp.asarray(diffusion.log_snr, jnp.float32)
 
-  def loss_fn(trainable, images, labels, t, weights, noise, dropout_key):
-    """trainable: (model params, learned-weight params or None)."""
-    params, weight_params = trainable
+  def loss_fn(trainable, objective_state, images, labels, t, weights, noise, dropout_key):
+    """trainable: (model params, the objective's trainable part or None)."""
+    params, objective_params = trainable
     model_fn = models.bind(model, params, labels if class_cond else None, train=True,
                            dropout_key=dropout_key)
-    terms = diffusion.training_losses(model_fn, images, t, noise)
-    if learned is not None:
-      terms["loss"] = (learned.per_example_loss(weight_params, terms["mse"], log_snr[t])
-                       + terms.get("vb", 0.0))
-    loss = jnp.mean(terms["loss"] * weights)
-    return loss, terms
+    return objective.loss(model_fn, objective_params, objective_state, images, t, weights,
+                          noise)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -207,13 +195,14 @@ def make_train_step(components: config_lib.Components, settings: config_lib.Trai
     bsz = images.shape[0]
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     k_t, k_noise, k_drop = jax.random.split(key, 3)
-    t, weights = timestep_sampler.sample(state.sampler_state, k_t, bsz)
+    t, weights = objective.sample_t(state.objective_state, k_t, bsz)
     noise = jax.random.normal(k_noise, images.shape, images.dtype)
 
-    weight_state = state.sampler_state.get(learned_weighting.STATE_KEY)
-    trainable = (state.params, None if weight_state is None else weight_state["params"])
+    trainable = (state.params, objective.trainable(state.objective_state))
+    loss_inputs = lambda *batch_and_key: grad_fn(trainable, state.objective_state,
+                                                 *batch_and_key)
     if accum == 1:
-      (loss, terms), grads = grad_fn(trainable, images, labels, t, weights, noise, k_drop)
+      (loss, terms), grads = loss_inputs(images, labels, t, weights, noise, k_drop)
     else:
       micro = lambda a: a.reshape((accum, bsz // accum) + a.shape[1:])
       xs = tuple(micro(a) for a in (images, labels, t, weights, noise))
@@ -221,7 +210,7 @@ def make_train_step(components: config_lib.Components, settings: config_lib.Trai
       def body(carry, inp):
         g_sum, l_sum = carry
         i, (im, lb, tt, w, nz) = inp
-        (l, tr), g = grad_fn(trainable, im, lb, tt, w, nz, jax.random.fold_in(k_drop, i))
+        (l, tr), g = loss_inputs(im, lb, tt, w, nz, jax.random.fold_in(k_drop, i))
         return (jax.tree_util.tree_map(jnp.add, g_sum, g), l_sum + l), tr
 
       zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
@@ -230,7 +219,7 @@ def make_train_step(components: config_lib.Components, settings: config_lib.Trai
       loss = loss / accum
       terms = jax.tree_util.tree_map(lambda a: a.reshape((bsz,) + a.shape[2:]), terms)
 
-    grads, weight_grads = grads
+    grads, objective_grads = grads
     grad_norm = optax.tree.norm(grads)
     # AdamW's update is finite whenever the gradients, the (committed, so finite) state and
     # the learning rate are, so those are checked instead of the update itself.
@@ -240,18 +229,14 @@ def make_train_step(components: config_lib.Components, settings: config_lib.Trai
     def apply(state):
       # The update is computed inside the branch: computed outside and passed in, it and
       # the new moments were materialised, and the optimizer step took 4× as long
-      # (PERF_NOTES.md, 2026-11-27 session 8).
+      # (PERF_NOTES.md).
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       ema = [jax.tree_util.tree_map(lambda e, p, r=r: r * e + (1 - r) * p, e_params, params)
              for r, e_params in zip(rates, state.ema_params)]
-      history = {k: v for k, v in state.sampler_state.items()
-                 if k != learned_weighting.STATE_KEY}
-      sampler_state = timestep_sampler.update(history, t, jax.lax.stop_gradient(terms["loss"]))
-      if weight_state is not None:
-        sampler_state[learned_weighting.STATE_KEY] = learned.update(weight_state, weight_grads)
+      objective_state = objective.update(state.objective_state, t, terms, objective_grads)
       return state.replace(step=state.step + 1, params=params, ema_params=ema,
-                           opt_state=opt_state, sampler_state=sampler_state)
+                           opt_state=opt_state, objective_state=objective_state)
 
     def drop(state):
       # A non-finite step is dropped under both NaN policies; "halt" then stops on the
@@ -259,7 +244,7 @@ def make_train_step(components: config_lib.Components, settings: config_lib.Trai
       return state.replace(step=state.step + 1, nonfinite_steps=state.nonfinite_steps + 1)
 
     # A branch, not a select over the whole state: the select was one more pass over
-    # params, EMAs and both Adam moments every step (PERF_NOTES.md, 2026-11-27 session 7).
+    # params, EMAs and both Adam moments every step (PERF_NOTES.md).
     new = jax.lax.cond(finite, apply, drop, state)
 
     q_sum, q_count = _quarter_stats(t, terms["loss"], diffusion.num_timesteps)

@@ -6,7 +6,7 @@ Loads the run's EMA params (`run.open_run`) and one fixed batch of its training 
 then for each weighting in --weightings and each timestep sampler in --samplers measures
 `analysis.gradient_variance` (the total variance of the batch gradient over draws of t
 and ε) and prints a Markdown table with the ratio importance ÷ uniform per weighting.
-The objective is the same for both samplers (resample.py), so a ratio below 1 is less
+The objective is the same for both samplers (diffusion_jax/objective/tdensity.py), so a ratio below 1 is less
 gradient noise for the same expected gradient.
 """
 from __future__ import annotations
@@ -42,9 +42,8 @@ def main(argv=None) -> dict:
     for sampler in args.samplers.split(","):
       config = trained.config.copy_and_resolve_references()
       config.diffusion.weighting, config.diffusion.timestep_sampler = weighting, sampler
-      c = config_lib.build(config)
       results[f"{weighting}+{sampler}"] = analysis.gradient_variance(
-          trained.model, c.diffusion, c.timestep_sampler, trained.params, images,
+          trained.model, config_lib.build(config).objective, trained.params, images,
           jax.random.PRNGKey(args.seed), labels=labels, draws=args.draws)
   samplers = args.samplers.split(",")
   print(f"{args.workdir} (step {trained.train_step}), batch {args.batch}, "

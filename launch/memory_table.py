@@ -54,7 +54,7 @@ def _state_bytes(abstract_state, fsdp: int) -> int:
     spec = train.fsdp_spec(leaf.shape, fsdp)
     divisor = fsdp if any(s == "fsdp" for s in spec) else 1
     total += int(np.prod(leaf.shape)) * leaf.dtype.itemsize // divisor
-  rest = (abstract_state.step, abstract_state.rng, abstract_state.sampler_state,
+  rest = (abstract_state.step, abstract_state.rng, abstract_state.objective_state,
           abstract_state.nonfinite_steps)
   return total + sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax_leaves(rest))
 

@@ -172,3 +172,43 @@ def test_library_error_logs_are_dropped_unless_verbose():
   assert not checkpoints.quiet_library_errors(record(logging.ERROR, orbax))
   assert checkpoints.quiet_library_errors(record(logging.WARNING, orbax))
   assert checkpoints.quiet_library_errors(record(logging.ERROR, "/repo/diffusion_jax/train.py"))
+
+
+def test_a_checkpoint_from_before_the_objective_state_was_renamed_resumes_bitwise(tmp_path):
+  """Checkpoints written while TrainState called the objective's state `sampler_state`
+  load and resume exactly as the same step saved today."""
+  import flax  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import run as run_lib  # pylint: disable=import-outside-toplevel
+
+  @flax.struct.dataclass
+  class OldTrainState:  # the TrainState's layout before the rename
+    step: jax.Array
+    params: dict
+    ema_params: list
+    opt_state: tuple
+    rng: jax.Array
+    sampler_state: dict
+    nonfinite_steps: jax.Array
+
+  config = tiny_config.get_config()
+  config.diffusion.timestep_sampler = "loss-second-moment"  # a state that changes
+  config.train.update(num_steps=2, checkpoint_every=2, log_every=1, sample_every=0)
+  now, old = tmp_path / "now", tmp_path / "old"
+  train.train_and_sample(config, str(now))
+  state = run_lib.load_checkpoint(str(now))
+  assert int(np.asarray(state.objective_state["loss_counts"]).sum()) > 0
+  with ocp.CheckpointManager(checkpoints.checkpoint_dir(str(now)),
+                             item_names=checkpoints.ITEMS) as manager:
+    iter_state = manager.restore(2, args=ocp.args.Composite(
+        data_iter=ocp.args.JsonRestore())).data_iter
+  fields = {k: getattr(state, k) for k in ("step", "params", "ema_params", "opt_state", "rng",
+                                           "nonfinite_steps")}
+  manager = checkpoints.create_manager(str(old), config)
+  checkpoints.save(manager, 2, OldTrainState(sampler_state=state.objective_state, **fields),
+                   iter_state, config)
+  manager.wait_until_finished()
+  manager.close()
+  _assert_trees_equal(run_lib.load_checkpoint(str(old)), state)
+  config.train.num_steps = 3
+  _assert_trees_equal(train.train_and_sample(config, str(old)),
+                      train.train_and_sample(config, str(now)))

@@ -152,7 +152,7 @@ def test_timestep_samplers_are_built_and_checked_from_the_config():
   for name in ("importance", "logit_normal", "laplace_logsnr"):
     config.diffusion.timestep_sampler = name
     config_lib.validate_config(config, num_devices=1)
-    sampler = config_lib.build(config).timestep_sampler
+    sampler = config_lib.build(config).objective.tdensity
     assert sampler.name == name and len(sampler.density) == 1000
   config.diffusion.timestep_sampler_params.b = -1.0
   with pytest.raises(config_lib.ConfigError, match="timestep_sampler_params.b=-1.0"):

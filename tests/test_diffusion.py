@@ -9,6 +9,7 @@ import pytest
 import scipy.stats
 
 from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import objective
 from diffusion_jax import schedules
 
 T = 1000
@@ -116,14 +117,22 @@ CASES = list(itertools.product(
 CASES = [c for c in CASES if c[3] in ("mse", "rescaled_mse") or c[4] == "constant"]
 
 
+def _weighted_terms(diff, weighting, model, x0, t, noise, **weighting_params):
+  """The per-example terms of the objective `weighting` over `diff` (uniform t)."""
+  obj = objective.build(diff, weighting, weighting_params)
+  state = obj.init(jax.random.PRNGKey(0))
+  return obj.loss(model, obj.trainable(state), state, x0, t, jnp.ones(t.shape), noise)[1]
+
+
 def _run_losses(schedule, target, var_type, loss_type, weighting, dtype, t=None):
   betas = schedules.get_named_beta_schedule(schedule, T)
   diff = diffusion_lib.GaussianDiffusion(betas, target=target, var_type=var_type,
-                                         loss_type=loss_type, weighting=weighting)
+                                         loss_type=loss_type)
   x0, noise, t = _inputs(t=t)
   x0, noise = x0.astype(dtype), noise.astype(dtype)
   model = _fake_model(6 if var_type == "learned_range" else 3)
-  got = jax.jit(lambda x, n, tt: diff.training_losses(model, x, tt, n))(x0, noise, t)
+  got = jax.jit(lambda x, n, tt: _weighted_terms(diff, weighting, model, x, tt, n))(
+      x0, noise, t)
   x_t = diff.q_sample(jnp.asarray(x0), jnp.asarray(t), jnp.asarray(noise))
   out = np.asarray(model(x_t, jnp.asarray(t)))
   want = _np_losses(betas, target, var_type, loss_type, weighting, x0, noise, t, out)
@@ -165,11 +174,10 @@ def test_training_losses_float32_close_to_float64(schedule, target, var_type, lo
 
 def test_space_target_matches_official_semantics():
   betas = schedules.get_named_beta_schedule("linear", T)
-  diff = diffusion_lib.GaussianDiffusion(betas, target="x0", weighting="debias",
-                                         weighting_params={"space": "target"})
+  diff = diffusion_lib.GaussianDiffusion(betas, target="x0")
   x0, noise, t = _inputs(1)
   model = _fake_model(3)
-  got = diff.training_losses(model, x0, t, noise)
+  got = _weighted_terms(diff, "debias", model, x0, t, noise, space="target")
   out = model(diff.q_sample(x0, t, noise), jnp.asarray(t))
   want = _np_losses(betas, "x0", "fixed_small", "mse", "debias", x0, noise, t, out,
                     space="target")
@@ -180,7 +188,7 @@ def test_learned_variance_gradient_stops_at_the_mean():
   """The vb term of the hybrid loss trains only the variance channels."""
   betas = schedules.get_named_beta_schedule("linear", T)
   diff = diffusion_lib.GaussianDiffusion(betas, var_type="learned_range",
-                                         loss_type="rescaled_mse", weighting="debias")
+                                         loss_type="rescaled_mse")
   x0, noise, t = _inputs(2)
   out = jnp.asarray(np.random.default_rng(3).normal(size=SHAPE[:3] + (6,)), jnp.float32)
   g = jax.grad(lambda o: diff.training_losses(lambda *_: o, x0, t, noise)["vb"].sum())(out)
@@ -234,17 +242,18 @@ def test_vlb_at_t0_and_t_positive():
 def test_jit_and_vmap():
   betas = schedules.get_named_beta_schedule("linear", T)
   diff = diffusion_lib.GaussianDiffusion(betas, var_type="learned_range",
-                                         loss_type="rescaled_mse", weighting="debias")
+                                         loss_type="rescaled_mse")
   x0, noise, t = _inputs(6)
   model = _fake_model(6)
-  eager = diff.training_losses(model, x0, t, noise)["loss"]
-  jitted = jax.jit(lambda d, x, n, tt: d.training_losses(model, x, tt, n)["loss"])(
+  eager = diff.training_losses(model, x0, t, noise)["vb"]
+  jitted = jax.jit(lambda d, x, n, tt: d.training_losses(model, x, tt, n)["vb"])(
       diff, x0, noise, t)
   per_example = jax.vmap(
-      lambda x, n, tt: diff.training_losses(model, x[None], tt[None], n[None])["loss"][0]
+      lambda x, n, tt: diff.training_losses(model, x[None], tt[None], n[None])["vb"][0]
   )(x0, noise, t)
-  np.testing.assert_allclose(jitted, eager, rtol=1e-6)
-  np.testing.assert_allclose(per_example, eager, rtol=1e-6)
+  # The VLB term alone (a KL of O(1) parts): float32 rounding differs at ~1e-6.
+  np.testing.assert_allclose(jitted, eager, rtol=1e-5)
+  np.testing.assert_allclose(per_example, eager, rtol=1e-5)
 
 
 def test_respaced_model_sees_original_timesteps():
@@ -298,14 +307,6 @@ def test_bad_input():
     diffusion_lib.GaussianDiffusion(betas, var_type="learned")
   with pytest.raises(ValueError, match="'rescaled_mse'"):
     diffusion_lib.GaussianDiffusion(betas, loss_type="l1")
-  with pytest.raises(ValueError, match="'debias'"):
-    diffusion_lib.GaussianDiffusion(betas, weighting="unbias")
-  # A schedule that reaches ᾱ=0 makes 1/√SNR infinite at the last step.
-  zero_terminal = np.append(betas[:-1], 1.0)
-  with pytest.raises(ValueError, match="not finite at steps \\[99\\]"):
-    diffusion_lib.GaussianDiffusion(zero_terminal, weighting="debias")
-  diffusion_lib.GaussianDiffusion(zero_terminal, weighting="debias",
-                                  weighting_params={"max_weight": 1e3})
   diff = diffusion_lib.GaussianDiffusion(betas, var_type="learned_range")
   x0, noise, t = _inputs()
   with pytest.raises(ValueError, match=r"\(6, 4, 4, 3\); expected \(6, 4, 4, 6\)"):

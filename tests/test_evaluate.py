@@ -238,7 +238,7 @@ def test_gradient_variance_is_computed_for_any_timestep_sampler():
   config.diffusion.timestep_sampler = "importance"
   c = config_lib.build(config)
   params = models.init_params(c.model, jax.random.PRNGKey(0))
-  out = analysis.gradient_variance(c.model, c.diffusion, c.timestep_sampler, params, images,
+  out = analysis.gradient_variance(c.model, c.objective, params, images,
                                    jax.random.PRNGKey(1), draws=3)
   assert out["draws"] == 3 and out["trace_var"] > 0 and out["mean_norm"] > 0
 

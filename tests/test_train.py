@@ -52,7 +52,8 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch():
   config = tiny_config.get_config()
   config.diffusion.var_type = "fixed_small"
   config.model.learn_sigma = False
-  model, diffusion = _build(config)[:2]
+  components = _build(config)
+  model, objective = components.model, components.objective
   mesh = train.make_mesh(config)
   state, _ = train.create_train_state(*_parts(config), mesh)
   batch = _fixed_batch(config)
@@ -62,7 +63,8 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch():
   @jax.jit
   def eval_loss(params):
     fn = lambda x, tt: model.apply({"params": params}, x, tt)
-    return jnp.mean(diffusion.training_losses(fn, batch["image"], t, noise)["loss"])
+    return objective.loss(fn, None, state.objective_state, batch["image"], t,
+                          jnp.ones(t.shape), noise)[0]
 
   before = float(eval_loss(state.params))
   step = jax.jit(train.make_train_step(*_parts(config)))

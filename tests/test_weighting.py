@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import schedules, weighting
+from diffusion_jax import schedules
+from diffusion_jax.objective import weighting
 
 SNR = np.logspace(-5, 5, 41)
 
@@ -16,7 +17,6 @@ FORMULAS = {
     "truncated_snr": lambda s: np.where(s > 1, 1.0, 1 / s),
     "edm": lambda s: (1 / s + 0.25) / 0.25,
     "sigmoid": lambda s: 1 / (1 + np.exp(np.log(s))),
-    "learned": lambda s: s ** -0.5,  # its fixed part w₀: the base weighting, debias
 }
 
 

@@ -120,9 +120,9 @@ def plot_x0_error(results: dict[str, dict], path: str) -> str:
 
 
 def plot_weight_curves(learned: dict[str, dict], diffusion, path: str) -> str:
-  """Each learned run's effective ε-weight w₀/exp(u) against t, beside the fixed debias,
-  min_snr and p2 weights; every curve scaled to mean 1 over t (log scale)."""
-  from diffusion_jax import weighting as weighting_lib  # pylint: disable=import-outside-toplevel
+  """Each stateful weighting's effective weight (e.g. w₀/exp(u)) against t, beside the
+  fixed debias, min_snr and p2 weights; every curve scaled to mean 1 over t (log scale)."""
+  from diffusion_jax.objective import weighting as weighting_lib  # pylint: disable=import-outside-toplevel
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.5))
   snr = np.asarray(diffusion.snr)
@@ -133,9 +133,9 @@ def plot_weight_curves(learned: dict[str, dict], diffusion, path: str) -> str:
   for label, curve in learned.items():
     w = np.asarray(curve["effective"], np.float64)
     ax.plot(t, w / w.mean(), linewidth=2.5,
-            label=f"{label}: w₀/exp(u), w₀={curve['base_name']}")
+            label=f"{label} (w₀={curve['base_name']})")
   ax.set(xlabel="timestep t", ylabel="ε-MSE weight / its mean over t", yscale="log",
-         title="Learned effective weight against fixed weightings")
+         title="Stateful weightings' effective weight against fixed weightings")
   ax.legend()
   ax.grid(alpha=0.3)
   return _save(fig, path)
@@ -291,27 +291,27 @@ def plot_fid_vs_train_step(results: dict[str, dict[int, dict]], path: str,
   return _save(fig, path)
 
 
-def gradient_variance(model, diffusion, timestep_sampler, params, images, key,
-                      labels=None, draws: int = 16) -> dict:
+def gradient_variance(model, objective, params, images, key, labels=None,
+                      draws: int = 16) -> dict:
   """How noisy the training gradient is on one fixed batch.
 
-  Draws t (with the sampler's importance weights) and ε `draws` times for the same
+  Draws t (with the objective's importance weights) and ε `draws` times for the same
   `images` (B, H, W, C) float32 in [−1, 1] and returns {"trace_var": the total variance
   E‖g − ḡ‖² of the batch gradient g over those draws, "mean_norm": ‖ḡ‖, "draws"}.
-  The timestep sampler starts from its initial state (uniform for loss-second-moment).
+  The objective starts from its initial state (uniform for loss-second-moment).
   """
   import jax.flatten_util  # pylint: disable=import-outside-toplevel
-  state = timestep_sampler.init()
+  state = objective.init(key)
 
   @jax.jit
   def grad(k):
     k_t, k_n = jax.random.split(k)
-    t, weights = timestep_sampler.sample(state, k_t, images.shape[0])
+    t, weights = objective.sample_t(state, k_t, images.shape[0])
     noise = jax.random.normal(k_n, images.shape, jnp.float32)
 
     def loss(p):
-      terms = diffusion.training_losses(models.bind(model, p, labels), images, t, noise)
-      return jnp.mean(terms["loss"] * weights)
+      return objective.loss(models.bind(model, p, labels), objective.trainable(state), state,
+                            images, t, weights, noise)[0]
 
     return jax.flatten_util.ravel_pytree(jax.grad(loss)(params))[0]
 

@@ -72,7 +72,7 @@ def group_norm(x, scale, bias, num_groups: int, epsilon: float, scale_shift=None
   The backward pass is written out (`jax.custom_vjp`): two passes over (x, dy), one
   reducing Σdz and Σdz·(x − mean) per example and channel, one writing dx. Left to
   autodiff, XLA:CPU recomputed the normalisation inside many of the backward's fusions
-  (PERF_NOTES.md, 2026-11-27 session 8: the train step +8.7%).
+  (the train step +8.7%, PERF_NOTES.md).
   """
   b, c = x.shape[0], x.shape[-1]
   if scale_shift is None:
@@ -294,8 +294,7 @@ def softmax_attention(q, k, v):
   Normalises after the product with v, and its backward uses rowsum(dout·out) for the
   softmax's Σ p·dp, so no (T, T) reduction or broadcast is materialised beyond the
   unnormalised weights; XLA:CPU's library fusions ran the autodiff of the plain
-  formula 4–14× slower forward and 1.3× slower forward + backward (PERF_NOTES.md,
-  session 9).
+  formula 4–14× slower forward and 1.3× slower forward + backward (PERF_NOTES.md).
   """
   return _softmax_attention_fwd(q, k, v)[0]
 

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 
 from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import resample
+from diffusion_jax import objective
+from diffusion_jax.objective import tdensity
 
 
 def test_uniform_sampler():
-  s = resample.TimestepSampler("uniform", 10)
+  s = tdensity.TimestepDensity("uniform", 10)
   t, w = s.sample(s.init(), jax.random.PRNGKey(0), 4000)
   assert t.dtype == jnp.int32 and int(t.min()) == 0 and int(t.max()) == 9
   np.testing.assert_allclose(w, 1.0)
@@ -16,7 +17,7 @@ def test_uniform_sampler():
 
 
 def test_second_moment_sampler_matches_its_definition():
-  s = resample.TimestepSampler("loss-second-moment", 4, history_per_term=2,
+  s = tdensity.TimestepDensity("loss-second-moment", 4, history_per_term=2,
                                uniform_prob=0.1)
   state = s.init()
   np.testing.assert_allclose(s.probabilities(state), 0.25)  # not warmed up
@@ -40,18 +41,31 @@ def test_second_moment_sampler_matches_its_definition():
 
 def test_unknown_sampler_and_misused_options():
   with pytest.raises(ValueError, match="'uniform', 'loss-second-moment', 'importance'"):
-    resample.TimestepSampler("karras", 10)
-  with pytest.raises(ValueError, match="build it with TimestepSampler.for_diffusion"):
-    resample.TimestepSampler("importance", 10)
+    tdensity.TimestepDensity("karras", 10)
+  with pytest.raises(ValueError, match="build it with TimestepDensity.for_tables"):
+    tdensity.TimestepDensity("importance", 10)
   diff = _diffusion("debias")
   with pytest.raises(ValueError, match="density_is_weight applies to the logit_normal"):
-    resample.TimestepSampler.for_diffusion("importance", diff, density_is_weight=True)
+    _for("importance", diff, density_is_weight=True)
   with pytest.raises(ValueError, match="scale=0.0: must be > 0"):
-    resample.TimestepSampler.for_diffusion("logit_normal", diff, scale=0.0)
+    _for("logit_normal", diff, scale=0.0)
+
+
+class _Tables:
+  """The (T,) loss_weight and log_snr tables of `weighting` on the linear schedule."""
+
+  def __init__(self, weighting):
+    built = objective.build(diffusion_lib.create_diffusion("linear", 1000), weighting)
+    self.loss_weight, self.log_snr = built.loss_weight, built.diffusion.log_snr
 
 
 def _diffusion(weighting):
-  return diffusion_lib.create_diffusion("linear", 1000, weighting=weighting)
+  return _Tables(weighting)
+
+
+def _for(name, tables, **kwargs):
+  return tdensity.TimestepDensity.for_tables(name, tables.loss_weight, tables.log_snr,
+                                             **kwargs)
 
 
 @pytest.mark.parametrize("weighting", ["debias", "constant", "min_snr", "p2"])
@@ -60,7 +74,7 @@ def test_every_fixed_density_keeps_the_uniform_objective_exactly(weighting, name
   """Σ_t p(t)·weight(t)·w(t)·L(t) = (1/T)·Σ_t w(t)·L(t) for any per-step losses L, in
   float64 over the full t range; `importance` makes each example's factor constant."""
   diff = _diffusion(weighting)
-  s = resample.TimestepSampler.for_diffusion(name, diff)
+  s = _for(name, diff)
   p = np.asarray(s.density, np.float64)
   assert p.shape == (1000,) and np.all(p > 0) and np.isclose(p.sum(), 1.0, rtol=1e-12)
   weight = 1.0 / (1000 * p)  # what `sample` returns for t
@@ -75,19 +89,19 @@ def test_every_fixed_density_keeps_the_uniform_objective_exactly(weighting, name
 
 def test_fixed_densities_have_their_shapes():
   diff = _diffusion("debias")
-  logit = np.asarray(resample.fixed_density("logit_normal", diff.loss_weight, diff.log_snr))
+  logit = np.asarray(tdensity.fixed_density("logit_normal", diff.loss_weight, diff.log_snr))
   assert abs(int(np.argmax(logit)) - 500) <= 1  # loc 0: the mode at t = T/2
-  lap = np.asarray(resample.fixed_density("laplace_logsnr", diff.loss_weight, diff.log_snr,
+  lap = np.asarray(tdensity.fixed_density("laplace_logsnr", diff.loss_weight, diff.log_snr,
                                           mu=0.0, b=0.5))
   assert abs(float(diff.log_snr[int(np.argmax(lap))])) < 0.05  # the mode where log-SNR = 0
   # Half the Laplace mass lies on each side of log-SNR = mu.
   assert np.isclose(lap[np.asarray(diff.log_snr) > 0].sum(), 0.5, atol=0.01)
-  debias = np.asarray(resample.fixed_density("importance", diff.loss_weight, diff.log_snr))
+  debias = np.asarray(tdensity.fixed_density("importance", diff.loss_weight, diff.log_snr))
   assert debias[999] / debias[0] > 1000  # 1/√SNR grows ~1e4-fold over t
 
 
 def test_density_as_weight_returns_unit_weights_and_draws_the_density():
-  s = resample.TimestepSampler.for_diffusion("logit_normal", _diffusion("constant"),
+  s = _for("logit_normal", _diffusion("constant"),
                                              density_is_weight=True)
   t, w = s.sample(s.init(), jax.random.PRNGKey(0), 20000)
   np.testing.assert_array_equal(w, 1.0)

@@ -1,4 +1,4 @@
-"""Loss weightings as functions of SNR(t) = ᾱ/(1−ᾱ).
+"""Fixed loss weightings as functions of SNR(t) = ᾱ/(1−ᾱ).
 
 Every weighting is defined once, as the weight w(SNR) on the per-example ε-MSE. A
 network that predicts x0 or v is trained on the same objective by converting the
@@ -81,15 +81,6 @@ def sigmoid(snr, bias=0.0):
   return scipy.special.expit(bias - np.log(snr))
 
 
-def learned(snr, base="debias"):
-  """The fixed part w₀ of the learned weighting: the weighting `base`. The learned factor
-  exp(−u(log SNR)) is trained with the network (see `learned_weighting`)."""
-  if base == "learned":
-    raise ValueError("weighting_params.base cannot be 'learned' itself; name a fixed "
-                     "weighting such as 'debias'.")
-  return epsilon_weight(base, snr)
-
-
 _REGISTRY: dict[str, Callable] = {
     "constant": constant,
     "debias": debias,
@@ -99,7 +90,6 @@ _REGISTRY: dict[str, Callable] = {
     "truncated_snr": truncated_snr,
     "edm": edm,
     "sigmoid": sigmoid,
-    "learned": learned,
 }
 
 

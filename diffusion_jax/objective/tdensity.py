@@ -1,4 +1,4 @@
-"""Timestep samplers for training: which t each example gets, and its importance weight.
+"""Timestep densities for training: which t each example gets, and its importance weight.
 
   uniform             t ~ U{0..T−1}.
   loss-second-moment  guided-diffusion's adaptive sampler, p(t) ∝ √E[L_t²].
@@ -13,10 +13,10 @@ the weight is 1 and the density itself becomes part of the weighting: the object
 Σ_t p(t)·w(t)·L_t. Under `importance` every example's factor w(t)/(T·p(t)) is the same
 constant, mean_t w(t).
 
-Each sampler is pure: its state is a small pytree kept in the train state (and so in
-checkpoints), `sample` draws t with importance weights, `update` folds in the losses
-of a step. Every kind shares one state layout, so switching sampler never changes the
-checkpoint's structure.
+Each density is pure: its state is a small pytree kept in the objective's state (and
+so in checkpoints), `sample` draws t with importance weights, `update` folds in the
+losses of a step. Every kind shares one state layout, so switching density never
+changes the checkpoint's structure. The config names it `diffusion.timestep_sampler`.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import numpy as np
 import scipy.special
 
 FIXED_DENSITIES = ("importance", "logit_normal", "laplace_logsnr")
-TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment") + FIXED_DENSITIES
+DENSITY_NAMES = ("uniform", "loss-second-moment") + FIXED_DENSITIES
 DENSITY_DEFAULTS = {"loc": 0.0, "scale": 1.0, "mu": 0.0, "b": 0.5}
 
 
@@ -83,7 +83,7 @@ _DENSITY_RANGES = {
 
 
 @dataclasses.dataclass(frozen=True)
-class TimestepSampler:
+class TimestepDensity:
   """Draws training timesteps t ∈ [0, T) with importance weights 1/(T·p(t)).
 
   `loss-second-moment` (Nichol & Dhariwal) samples t ∝ √E[L_t²] over the last
@@ -98,28 +98,27 @@ class TimestepSampler:
   density_is_weight: bool = False
 
   def __post_init__(self):
-    if self.name not in TIMESTEP_SAMPLERS:
+    if self.name not in DENSITY_NAMES:
       raise ValueError(f"Unknown timestep sampler {self.name!r}; choose one of "
-                       f"{list(TIMESTEP_SAMPLERS)}.")
+                       f"{list(DENSITY_NAMES)}.")
     if (self.name in FIXED_DENSITIES) != (self.density is not None):
       raise ValueError(f"timestep sampler {self.name!r}: build it with "
-                       "TimestepSampler.for_diffusion, which computes its density.")
+                       "TimestepDensity.for_tables, which computes its density.")
     if self.density_is_weight and self.name not in ("logit_normal", "laplace_logsnr"):
       raise ValueError("weighting_params.density_is_weight applies to the logit_normal and "
                        f"laplace_logsnr samplers, not to {self.name!r}.")
 
   @classmethod
-  def for_diffusion(cls, name: str, diffusion, density_is_weight: bool = False,
-                    **density_params) -> "TimestepSampler":
-    """The sampler `name` for `diffusion` (whose loss_weight and log_snr tables define
-    the fixed densities); density_params: loc, scale (logit_normal), mu, b
+  def for_tables(cls, name: str, loss_weight, log_snr, density_is_weight: bool = False,
+                 **density_params) -> "TimestepDensity":
+    """The density `name` over the steps of the (T,) loss_weight and log_snr tables
+    (which define the fixed densities); density_params: loc, scale (logit_normal), mu, b
     (laplace_logsnr)."""
     density = None
     if name in FIXED_DENSITIES:
-      density = tuple(float(v) for v in fixed_density(
-          name, diffusion.loss_weight, diffusion.log_snr, **density_params))
-    return cls(name, diffusion.num_timesteps, density=density,
-               density_is_weight=density_is_weight)
+      density = tuple(float(v) for v in fixed_density(name, loss_weight, log_snr,
+                                                      **density_params))
+    return cls(name, len(log_snr), density=density, density_is_weight=density_is_weight)
 
   def init(self) -> dict:
     return {"loss_history": jnp.zeros((self.num_timesteps, self.history_per_term),

@@ -4,25 +4,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import config_lib, evaluate, learned_weighting, train
+from diffusion_jax import config_lib, evaluate, train
+from diffusion_jax.objective import learned
 from diffusion_jax import run as run_lib
 from diffusion_jax.evaluation import analysis
 from tests import tiny_config
 
 
 def test_starts_as_the_base_weighting():
-  lw = learned_weighting.LearnedWeighting()
+  lw = learned.LearnedWeighting()
   state = lw.init(jax.random.PRNGKey(0))
   mse = jnp.array([0.5, 2.0, 7.0])
   lam = jnp.array([-5.0, 0.0, 5.0])
-  np.testing.assert_allclose(lw.per_example_loss(state["params"], mse, lam), mse)
-  np.testing.assert_allclose(lw.effective_weight(state["params"], np.array([1.0, 3.0]),
+  np.testing.assert_allclose(lw.per_example_loss(state["params"], state, mse, lam), mse)
+  np.testing.assert_allclose(lw.effective_weight(state, np.array([1.0, 3.0]),
                                                  np.array([0.0, 1.0])), [1.0, 3.0])
 
 
 def test_its_optimum_is_the_loss_scale_of_each_noise_level():
   """Minimising E[w₀·mse/exp(u) + u] over u gives exp(u(λ)) = E[w₀·mse | λ]."""
-  lw = learned_weighting.LearnedWeighting(lr=3e-2)
+  lw = learned.LearnedWeighting(lr=3e-2)
   state = lw.init(jax.random.PRNGKey(0))
   lam = jnp.linspace(-8.0, 8.0, 9)
   scale = jnp.exp(0.3 * lam)  # a loss scale that varies 100-fold over λ
@@ -31,8 +32,8 @@ def test_its_optimum_is_the_loss_scale_of_each_noise_level():
   @jax.jit
   def step(st):
     g = jax.grad(lambda p: jnp.mean(jax.vmap(
-        lambda n: lw.per_example_loss(p, scale * n, lam))(noise)))(st["params"])
-    return lw.update(st, g)
+        lambda n: lw.per_example_loss(p, st, scale * n, lam))(noise)))(st["params"])
+    return lw.update(st, g, None, None, lam)
 
   for _ in range(3000):
     state = step(state)
@@ -50,15 +51,15 @@ def test_learned_weighting_trains_checkpoints_and_plots(tmp_path):
   config = _learned_config()
   config.train.update(num_steps=4, checkpoint_every=2)
   state = train.train_and_sample(config, str(tmp_path))
-  u_state = state.sampler_state[learned_weighting.STATE_KEY]
+  u_state = state.objective_state[learned.LearnedWeighting.STATE_KEY]
   out_kernel = u_state["params"]["out"]["kernel"]
   assert float(jnp.abs(out_kernel).max()) > 0  # u moved off its zero start
   restored = run_lib.load_checkpoint(str(tmp_path))
-  for a, b in zip(jax.tree_util.tree_leaves(restored.sampler_state),
-                  jax.tree_util.tree_leaves(jax.device_get(state.sampler_state))):
+  for a, b in zip(jax.tree_util.tree_leaves(restored.objective_state),
+                  jax.tree_util.tree_leaves(jax.device_get(state.objective_state))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   run = run_lib.open_run(str(tmp_path))
-  curve = evaluate.learned_weight_curve(run)
+  curve = evaluate.weight_curve(run)
   assert len(curve["effective"]) == 1000 and curve["base_name"] == "debias"
   assert np.all(np.isfinite(curve["effective"])) and np.all(np.asarray(curve["effective"]) > 0)
   path = analysis.plot_weight_curves({"learned": curve}, run.diffusion,
@@ -69,7 +70,7 @@ def test_learned_weighting_trains_checkpoints_and_plots(tmp_path):
 def test_learned_weighting_config_errors():
   config = _learned_config()
   config.diffusion.weighting_params.base = "learned"
-  with pytest.raises(config_lib.ConfigError, match="base cannot be 'learned'"):
+  with pytest.raises(config_lib.ConfigError, match="base cannot be a stateful weighting"):
     config_lib.validate_config(config, num_devices=1)
   config = _learned_config()
   config.diffusion.loss_type = "kl"
