@@ -112,7 +112,7 @@ def get_config() -> ml_collections.ConfigDict:
       save_individual=False,
   ))
 
-  # --mode=evaluate and --mode=compare (diffusion_jax.evaluate).
+  # --mode=evaluate and --mode=compare (diffusion_jax/evaluation/).
   c.eval = ml_collections.ConfigDict(dict(
       preset="",                   # "quick": CPU-sized counts (config_lib.EVAL_PRESETS)
       num_samples=1000,            # generated images per FID point
@@ -128,8 +128,10 @@ def get_config() -> ml_collections.ConfigDict:
       x0_split="test",             # held-out split for the x0-error analysis
       x0_num_examples=512,
       x0_buckets=10,               # timestep buckets
-      train_curve=False,           # also FID against training step over every checkpoint
-      train_curve_steps=20,        # sampling steps for that curve (first sampler)
+      # What to compute, in order (diffusion_jax/evaluation/analyses.py); add
+      # fid_vs_train_step for FID against training step over every checkpoint.
+      analyses="weight_curve,x0_error,colour_shift,fid_vs_steps,training",
+      train_curve_steps=20,        # sampling steps of fid_vs_train_step (first sampler)
       ema_rate=-1.0,               # which EMA to evaluate (-1: the first)
       classifier=False,            # score samples with a small classifier of the labelled
                                    # data (≤ 64 px): recognisable fraction, class histogram

@@ -100,6 +100,10 @@ def validate_eval_fields(config) -> None:
   int_list(e.colour_steps, "eval.colour_steps")
   _require(bool(name_list(e.samplers)), "eval.samplers", e.samplers,
            "name at least one sampler, e.g. 'ddim'")
+  # The names themselves are checked against the registry (evaluation.registry) when
+  # evaluate or compare starts, before any work.
+  _require(bool(name_list(e.analyses)), "eval.analyses", e.analyses,
+           "name at least one analysis, e.g. 'fid_vs_steps'")
   for sampler in name_list(e.samplers) + [e.colour_sampler]:
     _require(sampler in samplers.SAMPLERS, "eval.samplers/colour_sampler", sampler,
              f"choose from {list(samplers.SAMPLERS)}")
@@ -115,16 +119,15 @@ def validate_eval_fields(config) -> None:
   _ema_choice(e.ema_rate, "eval.ema_rate")
   _require(e.preset in ("",) + tuple(EVAL_PRESETS), "eval.preset", e.preset,
            f"choose '' (the fields as set) or one of {list(EVAL_PRESETS)}")
-  for name in ("classifier", "train_curve"):
-    _require(isinstance(e[name], bool), f"eval.{name}", e[name], "must be True or False")
+  _require(isinstance(e.classifier, bool), "eval.classifier", e.classifier,
+           "must be True or False")
 
 
 # Evaluation presets: each replaces these config.eval fields (any others stay as set).
 EVAL_PRESETS = {
     # A few minutes on 2 CPU cores for a 32 px model: two FID points of 200 samples.
     "quick": dict(num_samples=200, num_reference=500, samplers="ddim", steps="10,20",
-                  colour_steps="2,5,20", colour_num_samples=32, x0_num_examples=128,
-                  train_curve=False),
+                  colour_steps="2,5,20", colour_num_samples=32, x0_num_examples=128),
 }
 
 

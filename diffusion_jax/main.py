@@ -54,7 +54,7 @@ def main(argv):
     signal.signal(signal.SIGINT, _exit_now)
   try:
     _run_mode()
-  except KeyboardInterrupt as e:  # also evaluate.TrainingStopped
+  except KeyboardInterrupt as e:  # also compare.TrainingStopped
     if FLAGS.mode not in ("evaluate", "compare", "sample"):
       raise
     kept = ("Finished batches are kept (samples/<sampler>_<steps>/partial_*)"
@@ -162,13 +162,13 @@ def _run_mode():
     if _is_primary():
       print(f"Wrote {len(out['images'])} samples:\n  " + "\n  ".join(out["files"]))
   elif FLAGS.mode == "evaluate":
-    from diffusion_jax import evaluate  # pylint: disable=import-outside-toplevel
+    from diffusion_jax.evaluation import evaluate  # pylint: disable=import-outside-toplevel
     report = evaluate.evaluate_workdir(config, FLAGS.workdir)
     if _is_primary():
       print("Wrote:\n  " + "\n  ".join(report["files"].values()))
   elif FLAGS.mode == "compare":
-    from diffusion_jax import evaluate  # pylint: disable=import-outside-toplevel
-    report = evaluate.compare(config, FLAGS.workdir)
+    from diffusion_jax.evaluation import compare  # pylint: disable=import-outside-toplevel
+    report = compare.compare(config, FLAGS.workdir)
     if _is_primary():
       print(f"Wrote {report['files']['report']} (plots and report.json beside it)")
   elif FLAGS.mode == "prepare":

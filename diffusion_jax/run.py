@@ -2,7 +2,7 @@
 
 One home for what inference needs from a workdir: the config saved with its
 checkpoints, the latest or a given TrainState, one EMA copy chosen by rate, the model
-bound to those params, and `--mode=sample`. Evaluation (`evaluate.py`) opens runs here.
+bound to those params, and `--mode=sample`. Evaluation (`evaluation/`) opens runs here.
 """
 from __future__ import annotations
 

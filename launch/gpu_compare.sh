@@ -47,8 +47,7 @@ cmd=(python3 -m diffusion_jax.main --mode=compare "--config=configs/quickstart.p
      "--config.optim.warmup_steps=200"
      "--config.eval.steps=10,20,50" "--config.eval.samplers=ddim"
      "--config.eval.num_samples=$samples" "--config.eval.num_reference=5000"
-     "--config.eval.colour_steps=5,20" "--config.eval.batch_size=500"
-     "--config.eval.train_curve=False")
+     "--config.eval.colour_steps=5,20" "--config.eval.batch_size=500")
 [[ -n $inception ]] && cmd+=("--config.eval.inception_path=$inception")
 if [[ $dry == 1 ]]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
 mkdir -p "$out"

@@ -148,7 +148,7 @@ def test_two_process_evaluation_gives_the_fid_of_one_process_and_only_process_0_
               "--config.eval.batch_size=8", "--config.eval.samplers=ddim",
               "--config.eval.steps=2", "--config.eval.colour_steps=2",
               "--config.eval.colour_num_samples=8", "--config.eval.x0_num_examples=8",
-              "--config.eval.x0_buckets=4", "--config.eval.train_curve=False",
+              "--config.eval.x0_buckets=4",
               "--config.eval.classifier=False"]
   single = subprocess.run(base + [f"--workdir={tmp_path / 'one'}"] + evaluate, env=_env(8),
                           cwd=REPO, capture_output=True, text=True, timeout=900)

@@ -256,7 +256,7 @@ def test_dit_compare_constant_and_debias(tmp_path):
                           "--config.eval.x0_num_examples=8", "--config.eval.x0_buckets=4",
                           "--config.eval.steps=2,3", "--config.eval.colour_steps=2",
                           "--config.eval.batch_size=4", "--config.eval.samplers=ddim",
-                          "--config.eval.train_curve=False", mode="compare"),
+                          mode="compare"),
                      env=_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
   report = (tmp_path / "report.md").read_text()

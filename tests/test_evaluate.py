@@ -10,9 +10,8 @@ from PIL import Image
 
 from diffusion_jax import checkpoints
 from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import evaluate
 from diffusion_jax import train
-from diffusion_jax.evaluation import analysis
+from diffusion_jax.evaluation import analyses, analysis, compare, evaluate, plots, registry
 from diffusion_jax import run as run_lib
 from tests import tiny_config
 
@@ -21,7 +20,8 @@ def _tiny_eval_config(weightings="constant,debias"):
   c = tiny_config.get_config()
   c.eval.update(num_samples=8, num_reference=16, colour_num_samples=4, x0_num_examples=8,
                 x0_buckets=4, steps="2,3", colour_steps="2,3", batch_size=4, samplers="ddim",
-                train_curve=True, train_curve_steps=2)
+                analyses="weight_curve,x0_error,colour_shift,fid_vs_steps,training,"
+                         "fid_vs_train_step", train_curve_steps=2)
   c.compare.weightings = weightings
   return c
 
@@ -35,7 +35,7 @@ def _is_png(path):
 def compared(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("compare"))
   config = _tiny_eval_config()
-  return workdir, config, evaluate.compare(config, workdir)
+  return workdir, config, compare.compare(config, workdir)
 
 
 @pytest.mark.slow  # trains two tiny runs and samples them (~3 min)
@@ -69,8 +69,8 @@ def test_compare_reuses_finished_runs(compared):
   workdir, config, _ = compared
   metrics_file = os.path.join(workdir, "runs", "debias", "metrics.jsonl")
   before = open(metrics_file).read()
-  config.eval.update(train_curve=False, steps="2")
-  report = evaluate.compare(config, workdir)
+  config.eval.update(analyses="x0_error,colour_shift,fid_vs_steps", steps="2")
+  report = compare.compare(config, workdir)
   assert open(metrics_file).read() == before  # not retrained
   assert set(report["fid_vs_steps"]["debias"]["ddim"]) == {2}
 
@@ -79,7 +79,7 @@ def test_compare_reuses_finished_runs(compared):
 def test_evaluate_workdir(compared):
   workdir, config, _ = compared
   run_dir = os.path.join(workdir, "runs", "debias")
-  config.eval.update(train_curve=False, steps="3")
+  config.eval.update(analyses="x0_error,colour_shift,fid_vs_steps", steps="3")
   report = evaluate.evaluate_workdir(config, run_dir)
   assert list(report["runs"]) == ["debias"]
   assert os.path.exists(os.path.join(run_dir, "eval", "evaluation.json"))
@@ -91,7 +91,7 @@ def test_an_interrupted_evaluation_keeps_its_points_and_a_rerun_reuses_them(
     compared, tmp_path, monkeypatch, capsys):
   workdir, config, _ = compared
   config = config.copy_and_resolve_references()
-  config.eval.update(train_curve=False, steps="2,3")
+  config.eval.update(analyses="x0_error,colour_shift,fid_vs_steps", steps="2,3")
   run = run_lib.open_run(os.path.join(workdir, "runs", "debias"), "debias")
   out = str(tmp_path / "eval")
   quality = evaluate._quality  # pylint: disable=protected-access
@@ -137,7 +137,7 @@ def test_compare_refuses_a_run_with_another_weighting(tmp_path):
   before = checkpoints.checkpoint_steps(run_dir)
   config.compare.weightings = "debias,constant"
   with pytest.raises(checkpoints.CheckpointConfigError, match="weighting"):
-    evaluate.compare(config, str(tmp_path))
+    compare.compare(config, str(tmp_path))
   assert checkpoints.checkpoint_steps(run_dir) == before
 
 
@@ -157,13 +157,13 @@ def test_bad_eval_config(field, value, match):
   section, name = field.split(".")
   config[section][name] = value
   with pytest.raises(ValueError, match=match):
-    evaluate.validate_eval_config(config, compare_mode=True)
+    compare.validate_compare_config(config)
 
 
 def test_compare_entries_pair_a_weighting_with_a_timestep_sampler():
   config = _tiny_eval_config("constant,debias+importance,min_snr+logit_normal")
-  evaluate.validate_eval_config(config, compare_mode=True)
-  subs = [evaluate._trained_run_config(config, n)  # pylint: disable=protected-access
+  compare.validate_compare_config(config)
+  subs = [compare._trained_run_config(config, n)  # pylint: disable=protected-access
           for n in ("constant", "debias+importance", "min_snr+logit_normal")]
   assert [(s.diffusion.weighting, s.diffusion.timestep_sampler) for s in subs] == [
       ("constant", "uniform"), ("debias", "importance"), ("min_snr", "logit_normal")]
@@ -174,12 +174,12 @@ def test_training_statistics_from_the_logged_intervals(tmp_path):
            "loss_q0": 0.1, "loss_q1": 0.2, "loss_q2": 0.3, "loss_q3": float(i)}
           for i in range(1, 9)]
   (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-  stats = evaluate.training_statistics(str(tmp_path))
+  stats = analyses.training_statistics(str(tmp_path))
   # The last quarter: intervals 7 and 8; E[g] = 7.5, E[g²] = (50 + 65)/2 = 57.5.
   assert stats["n_intervals"] == 2 and (stats["first_step"], stats["last_step"]) == (70, 80)
   assert stats["grad_norm_mean"] == 7.5 and stats["grad_norm_var"] == pytest.approx(1.25)
   assert stats["loss_q3"] == 7.5 and stats["loss_q0"] == pytest.approx(0.1)
-  assert evaluate.training_statistics(str(tmp_path / "none")) == {"n_intervals": 0}
+  assert analyses.training_statistics(str(tmp_path / "none")) == {"n_intervals": 0}
 
 
 class _ZeroModel:
@@ -289,8 +289,8 @@ def test_a_compare_whose_training_is_preempted_stops_instead_of_starting_the_nex
 def _drawn_figure(monkeypatch, results, **kwargs):
   """The matplotlib figure plot_fid_vs_steps draws for `results` (kept open)."""
   figures = []
-  monkeypatch.setattr(analysis, "_save", lambda fig, path, dpi=100: figures.append(fig))
-  analysis.plot_fid_vs_steps(results, "unused.png", **kwargs)
+  monkeypatch.setattr(plots, "_save", lambda fig, path, dpi=100: figures.append(fig))
+  plots.plot_fid_vs_steps(results, "unused.png", **kwargs)
   return figures[0]
 
 
@@ -315,3 +315,49 @@ def test_fid_plot_draws_a_line_through_more_than_three_points(monkeypatch):
   (ax,) = fig.axes
   assert [line.get_linestyle() for line in ax.lines] == ["-"] and not ax.texts
   assert "unipc, 64 samples per point" in fig._suptitle.get_text()
+
+
+@registry.register("toy_count")
+class _ToyCount(registry.Analysis):
+  """A toy analysis defined here only: the number of params of each run."""
+
+  def compute(self, ctx):
+    return {r.label: sum(x.size for x in jax.tree_util.tree_leaves(r.params))
+            for r in ctx.runs}
+
+  def report(self, section, ctx):
+    return ["## Toy count", ""] + [f"- {label}: {n}" for label, n in section.items()]
+
+
+@registry.register("toy_steps")
+class _ToySteps(registry.Analysis):
+
+  def compute(self, ctx):
+    return {r.label: r.train_step for r in ctx.runs}
+
+  def report(self, section, ctx):
+    return ["## Toy steps", ""] + [f"- {label}: {s}" for label, s in section.items()]
+
+
+def test_a_toy_analysis_added_from_a_test_runs_by_name_and_in_order(tmp_path):
+  from diffusion_jax import config_lib, models  # pylint: disable=import-outside-toplevel
+  config = _tiny_eval_config()
+  config.eval.analyses = "toy_steps,toy_count"
+  evaluate.validate_eval_config(config)
+  model = config_lib.build_model(config)
+  params = models.init_params(model, jax.random.PRNGKey(0))
+  runs = [run_lib.Run(label, str(tmp_path / label), config, params, step)
+          for label, step in (("a", 3), ("b", 7))]
+  report = evaluate.evaluate_runs(runs, config, str(tmp_path / "eval"), str(tmp_path))
+  n = sum(x.size for x in jax.tree_util.tree_leaves(params))
+  assert report["analyses"] == ["toy_steps", "toy_count"]
+  assert report["toy_steps"] == {"a": 3, "b": 7} and report["toy_count"] == {"a": n, "b": n}
+  with open(tmp_path / "eval" / "evaluation.json") as f:
+    assert json.load(f)["toy_count"]["b"] == n
+  md = (tmp_path / "eval" / "report.md").read_text()
+  assert md.index("## Toy steps") < md.index("## Toy count") and "- b: 7" in md
+  assert "reference" not in report  # nothing asked for FID, so nothing computed it
+  config.eval.analyses = "toy_count,x0_eror"
+  with pytest.raises(ValueError, match=r"unknown analysis 'x0_eror'; choose from \[.*"
+                                       r"'x0_error'.*'toy_count'"):
+    evaluate.validate_eval_config(config)

@@ -14,7 +14,8 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from diffusion_jax import checkpoints, evaluate, image_folder, input_pipeline, paths
+from diffusion_jax import checkpoints, image_folder, input_pipeline, paths
+from diffusion_jax.evaluation import evaluate
 from diffusion_jax import reporting, train
 from diffusion_jax import run as run_lib
 from tests import tiny_config

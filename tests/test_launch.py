@@ -111,7 +111,8 @@ def test_gpu_compare_dry_run_is_a_valid_compare_command():
   import ast  # pylint: disable=import-outside-toplevel
   import shlex  # pylint: disable=import-outside-toplevel
   from configs import quickstart  # pylint: disable=import-outside-toplevel
-  from diffusion_jax import config_lib, evaluate  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import config_lib  # pylint: disable=import-outside-toplevel
+  from diffusion_jax.evaluation import compare  # pylint: disable=import-outside-toplevel
   r = _run("gpu_compare.sh", "--dry-run", "--steps", "100")
   assert r.returncode == 0, r.stderr
   args = shlex.split(r.stdout)
@@ -131,7 +132,7 @@ def test_gpu_compare_dry_run_is_a_valid_compare_command():
         pass
       node[leaf] = value if not isinstance(value, tuple) else ",".join(map(str, value))
   config_lib.validate_config(config, num_devices=1)
-  evaluate.validate_eval_config(config, compare_mode=True)
+  compare.validate_compare_config(config)
   assert config.train.compute_dtype == "bfloat16" and config.train.num_steps == 100
   assert config.compare.weightings == "constant,debias,debias+importance"
   bad = _run("gpu_compare.sh", "--dataset", "cifar")

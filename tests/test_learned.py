@@ -4,10 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import config_lib, evaluate, train
+from diffusion_jax import config_lib, train
 from diffusion_jax.objective import learned
 from diffusion_jax import run as run_lib
-from diffusion_jax.evaluation import analysis
+from diffusion_jax.evaluation import analyses, plots
 from tests import tiny_config
 
 
@@ -59,10 +59,10 @@ def test_learned_weighting_trains_checkpoints_and_plots(tmp_path):
                   jax.tree_util.tree_leaves(jax.device_get(state.objective_state))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   run = run_lib.open_run(str(tmp_path))
-  curve = evaluate.weight_curve(run)
+  curve = analyses.weight_curve(run)
   assert len(curve["effective"]) == 1000 and curve["base_name"] == "debias"
   assert np.all(np.isfinite(curve["effective"])) and np.all(np.asarray(curve["effective"]) > 0)
-  path = analysis.plot_weight_curves({"learned": curve}, run.diffusion,
+  path = plots.plot_weight_curves({"learned": curve}, run.diffusion,
                                      str(tmp_path / "learned_weight.png"))
   assert (tmp_path / "learned_weight.png").stat().st_size > 10_000 and path
 

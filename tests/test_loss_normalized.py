@@ -3,8 +3,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import evaluate, train
+from diffusion_jax import train
 from diffusion_jax import run as run_lib
+from diffusion_jax.evaluation import analyses
 from diffusion_jax.objective import loss_normalized
 from tests import tiny_config
 
@@ -60,6 +61,6 @@ def test_it_trains_checkpoints_and_is_plotted_by_name(tmp_path):
   for a, b in zip(jax.tree_util.tree_leaves(restored.objective_state),
                   jax.tree_util.tree_leaves(jax.device_get(state.objective_state))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  curve = evaluate.weight_curve(run_lib.open_run(str(tmp_path)))
+  curve = analyses.weight_curve(run_lib.open_run(str(tmp_path)))
   assert curve["base_name"] == "debias" and len(curve["effective"]) == 1000
   assert np.all(np.isfinite(curve["effective"])) and curve["effective"] != curve["base"]

@@ -1,1 +1,2 @@
-"""Evaluation: sample-quality metrics (metrics.py)."""
+"""Evaluation: metrics, the analyses by name (registry, analyses), and the evaluate and
+compare drivers."""
