@@ -40,6 +40,7 @@ from diffusion_jax import config_lib
 from diffusion_jax import distributed
 from diffusion_jax import models
 from diffusion_jax import train
+from diffusion_jax import state as state_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config to benchmark.", lock_config=True)
@@ -97,12 +98,12 @@ def benchmark(config, runs: int = 10, warmup: int = 2) -> dict:
   config_lib.validate_config(config)
   components, settings = config_lib.build(config), config_lib.train_settings(config)
   model, diffusion = components.model, components.diffusion
-  mesh = train.make_mesh(config)
-  state, shardings = train.create_train_state(components, settings, mesh)
-  state_bytes = train.state_bytes_per_device(state, shardings)
+  mesh = state_lib.make_mesh(config)
+  state, shardings = state_lib.create_train_state(components, settings, mesh)
+  state_bytes = state_lib.state_bytes_per_device(state, shardings)
   m, bsz = config.model, config.data.batch_size
   rng = np.random.default_rng(0)
-  batch_sharding = train.batch_sharding(mesh)
+  batch_sharding = state_lib.batch_sharding(mesh)
   batch = {"image": jax.device_put(rng.uniform(-1, 1, (bsz, m.image_size, m.image_size,
                                                        m.in_channels)).astype(np.float32),
                                    batch_sharding),

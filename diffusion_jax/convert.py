@@ -283,7 +283,8 @@ def convert_checkpoint(path: str, config, workdir: str) -> int:
   states start fresh, so the workdir can be sampled, evaluated or fine-tuned. Refuses
   a workdir that already has checkpoints. Returns the step it was saved at.
   """
-  from diffusion_jax import checkpoints, config_lib, train  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import checkpoints, config_lib  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import state as state_lib  # pylint: disable=import-outside-toplevel
   config_lib.validate_config(config)
   if checkpoints.checkpoint_steps(workdir):
     raise FileExistsError(f"{workdir} already holds checkpoints; convert into a new "
@@ -292,7 +293,7 @@ def convert_checkpoint(path: str, config, workdir: str) -> int:
   components = config_lib.build(config)
   model, tx = components.model, components.tx
   params = torch_to_flax(read_state_dict(path, max_elements(model)), model)
-  state = train.init_state(components, config_lib.train_settings(config),
+  state = state_lib.init_state(components, config_lib.train_settings(config),
                            jax.random.PRNGKey(0))
   state = state.replace(params=params, ema_params=[params] * len(config.optim.ema_rates),
                         opt_state=tx.init(params), step=np.int32(step))

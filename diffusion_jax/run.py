@@ -17,17 +17,17 @@ from diffusion_jax import config_lib
 from diffusion_jax import models
 from diffusion_jax import paths
 from diffusion_jax import samplers
-from diffusion_jax import train
+from diffusion_jax import state as state_lib
 
 
-def load_checkpoint(workdir: str, step: int | None = None) -> train.TrainState:
+def load_checkpoint(workdir: str, step: int | None = None) -> state_lib.TrainState:
   """The saved TrainState of `workdir` (latest, or `step`), as host-local arrays.
 
   Rebuilds the state's structure from the config stored with the checkpoint, so no
   config is needed. Raises checkpoints.NoCheckpointError when there is none.
   """
   config = checkpoints.saved_config(workdir, step)
-  abstract = train.abstract_state(config_lib.build(config), config_lib.train_settings(config))
+  abstract = state_lib.abstract_state(config_lib.build(config), config_lib.train_settings(config))
   return checkpoints.restore_state(workdir, abstract, step)
 
 

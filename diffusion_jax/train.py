@@ -1,10 +1,7 @@
-"""Training: the TrainState, the pure data-parallel step, and `train_and_sample`.
+"""Training: the pure data-parallel step and the loop, `train_and_sample`.
 
-Parallelism is `jax.jit` over a Mesh with axes ('data', 'fsdp'): the global batch is
-sharded over both. With train.fsdp=N (the 'fsdp' axis' size) the params, every EMA copy
-and the optimizer state are sharded N ways by `state_sharding`, and XLA gathers the
-weights inside the step and reduce-scatters the gradients; with N=1 (the default) the
-state is replicated. Multi-host runs build the global batch with
+The state, mesh and shardings are `state`'s. With train.fsdp=N, XLA gathers the weights
+inside the step and reduce-scatters the gradients. Multi-host runs build the global batch with
 `jax.make_array_from_process_local_data`, so the same code runs on one CPU, a GPU box
 or a TPU pod slice.
 """
@@ -14,16 +11,14 @@ import os
 import signal
 import sys
 import time
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from diffusion_jax import checkpoints
@@ -33,110 +28,12 @@ from diffusion_jax import models
 from diffusion_jax import paths
 from diffusion_jax import reporting
 from diffusion_jax import samplers
+from diffusion_jax import state as state_lib
 from diffusion_jax import workdir_lock
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything a step reads and writes; all leaves are arrays (checkpointed whole).
-
-  step: int32 scalar, steps taken. rng: uint32 (2,) base key, folded with the step.
-  ema_params: one params pytree per config.optim.ema_rates entry, in that order.
-  objective_state: the objective's state (objective.Objective.init): the timestep
-  density's loss history and any stateful weighting's state. nonfinite_steps: int32
-  count of steps whose update was dropped for a NaN/Inf loss, gradient or learning rate.
-  """
-  step: jax.Array
-  params: Any
-  ema_params: list
-  opt_state: Any
-  rng: jax.Array
-  objective_state: dict
-  nonfinite_steps: jax.Array
 
 
 class NonFiniteLossError(RuntimeError):
   """A NaN/Inf loss, gradient or learning rate under train.nan_policy="halt"."""
-
-
-def make_mesh(config, devices=None) -> Mesh:
-  """A ('data', 'fsdp') mesh over `devices` (default: every device of every host)."""
-  devices = np.array(jax.devices() if devices is None else devices)
-  return Mesh(devices.reshape(-1, config.train.fsdp), ("data", "fsdp"))
-
-
-# Leaves smaller than this stay replicated under fsdp: biases and norm scales are a
-# negligible share of the bytes, and gathering them would cost a collective each.
-FSDP_MIN_ELEMENTS = 2**12
-
-
-def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
-  """The PartitionSpec of one leaf: the 'fsdp' axis on its largest dimension divisible
-  by `fsdp` (the first such on ties), or replicated (P()) when fsdp is 1, the leaf has
-  fewer than FSDP_MIN_ELEMENTS elements or no dimension divides."""
-  if fsdp == 1 or int(np.prod(shape)) < FSDP_MIN_ELEMENTS:
-    return P()
-  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
-    if shape[dim] % fsdp == 0:
-      return P(*[("fsdp" if d == dim else None) for d in range(len(shape))])
-  return P()
-
-
-def state_sharding(mesh: Mesh, state) -> Any:
-  """NamedShardings for `state` (a TrainState of arrays or ShapeDtypeStructs): params,
-  ema_params and opt_state by `fsdp_spec` over the mesh's 'fsdp' axis; the step, RNG and
-  objective state replicated."""
-  fsdp = mesh.shape["fsdp"]
-  shard = lambda tree: jax.tree_util.tree_map(
-      lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp)), tree)
-  replicate = lambda tree: jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()), tree)
-  return state.replace(
-      step=replicate(state.step), params=shard(state.params),
-      ema_params=shard(state.ema_params), opt_state=shard(state.opt_state),
-      rng=replicate(state.rng), objective_state=replicate(state.objective_state),
-      nonfinite_steps=replicate(state.nonfinite_steps))
-
-
-def state_bytes_per_device(state, shardings) -> int:
-  """Bytes of `state` that one device holds under `shardings` (the largest per device)."""
-  per_leaf = jax.tree_util.tree_map(
-      lambda x, s: int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize,
-      state, shardings)
-  return int(sum(jax.tree_util.tree_leaves(per_leaf)))
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(("data", "fsdp")))
-
-
-def init_state(components: config_lib.Components, settings: config_lib.TrainSettings,
-               key) -> TrainState:
-  """A fresh TrainState: params from `key`, every EMA equal to them."""
-  params = models.init_params(components.model, key)
-  return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      ema_params=[params for _ in settings.ema_rates],
-      opt_state=components.tx.init(params),
-      rng=jax.random.key_data(jax.random.PRNGKey(settings.seed)),
-      objective_state=components.objective.init(key),
-      nonfinite_steps=jnp.zeros((), jnp.int32))
-
-
-def abstract_state(components: config_lib.Components,
-                   settings: config_lib.TrainSettings) -> TrainState:
-  """The TrainState's shapes and dtypes (jax.ShapeDtypeStruct leaves), nothing allocated."""
-  return jax.eval_shape(lambda k: init_state(components, settings, k), jax.random.PRNGKey(0))
-
-
-def create_train_state(components: config_lib.Components,
-                       settings: config_lib.TrainSettings, mesh: Mesh):
-  """A new TrainState created directly with its sharding (no host copy), and that
-  sharding."""
-  key = jax.random.PRNGKey(settings.seed)
-  init = lambda k: init_state(components, settings, k)
-  shardings = state_sharding(mesh, jax.eval_shape(init, key))
-  return jax.jit(init, out_shardings=shardings)(key), shardings
 
 
 def jit_train_step(components: config_lib.Components, settings: config_lib.TrainSettings,
@@ -145,7 +42,7 @@ def jit_train_step(components: config_lib.Components, settings: config_lib.Train
   state sharded as `shardings`, the batch over the mesh and the old state donated. Every
   caller (training, `bench`, the multi-host test) uses this one."""
   return jax.jit(make_train_step(components, settings),
-                 in_shardings=(shardings, batch_sharding(mesh)),
+                 in_shardings=(shardings, state_lib.batch_sharding(mesh)),
                  out_shardings=(shardings, None), donate_argnums=0)
 
 
@@ -190,7 +87,7 @@ def make_train_step(components: config_lib.Components, settings: config_lib.Trai
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def step_fn(state: TrainState, batch):
+  def step_fn(state: state_lib.TrainState, batch):
     images, labels = batch["image"], batch["label"]
     bsz = images.shape[0]
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -349,7 +246,7 @@ def sample_grid(config, model, diffusion, params) -> np.ndarray:
                            write=False)["images"]
 
 
-def train_and_sample(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_sample(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
   """Trains (or resumes) to config.train.num_steps; returns the final state.
 
   Writes into `workdir`: checkpoints/ (Orbax), metrics.jsonl, TensorBoard events,
@@ -366,7 +263,7 @@ def train_and_sample(config: ml_collections.ConfigDict, workdir: str) -> TrainSt
     return _train(config, workdir)
 
 
-def _finished_run(config, workdir: str) -> TrainState | None:
+def _finished_run(config, workdir: str) -> state_lib.TrainState | None:
   """The saved state when `workdir` already holds a finished run of `config` (trained to
   train.num_steps, final samples written), after saying so; else None."""
   steps = checkpoints.checkpoint_steps(workdir)
@@ -375,7 +272,7 @@ def _finished_run(config, workdir: str) -> TrainState | None:
     return None
   try:
     state = checkpoints.restore_state(
-        workdir, abstract_state(config_lib.build(config), config_lib.train_settings(config)))
+        workdir, state_lib.abstract_state(config_lib.build(config), config_lib.train_settings(config)))
   except Exception:  # pylint: disable=broad-except
     return None  # unreadable or another model: the training path names the problem
   checkpoints.saved_config_matching(workdir, config)  # a different model is an error
@@ -388,16 +285,16 @@ def _finished_run(config, workdir: str) -> TrainState | None:
   return state
 
 
-def _train(config, workdir: str) -> TrainState:
+def _train(config, workdir: str) -> state_lib.TrainState:
   enable_compilation_cache(config, workdir)
   components, settings = config_lib.build(config), config_lib.train_settings(config)
   model, diffusion = components.model, components.diffusion
-  mesh = make_mesh(config)
+  mesh = state_lib.make_mesh(config)
   data_iter = input_pipeline.create_iterator(config.data, config.data.seed)
 
   manager = checkpoints.create_manager(workdir, config)
   saves = checkpoints.SaveWatcher(manager)
-  state, shardings = create_train_state(components, settings, mesh)
+  state, shardings = state_lib.create_train_state(components, settings, mesh)
   restored = checkpoints.restore_latest(manager, state, shardings, config)
   objective_changes = []
   if restored is not None:
@@ -411,7 +308,7 @@ def _train(config, workdir: str) -> TrainState:
   if objective_changes:  # recorded where the new objective starts
     writer.write_scalars(int(state.step), {"objective_changed": 1.0})
     writer.write_text(int(state.step), "objective_change", "\n".join(objective_changes))
-  sharding = batch_sharding(mesh)
+  sharding = state_lib.batch_sharding(mesh)
 
   def to_global(local):
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))

@@ -26,6 +26,7 @@ def train_both(steps: int, x0_examples: int = 256, buckets: int = 10, window: in
   import jax  # pylint: disable=import-outside-toplevel
   from configs import quickstart  # pylint: disable=import-outside-toplevel
   from diffusion_jax import config_lib, input_pipeline, train  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import state as state_lib  # pylint: disable=import-outside-toplevel
   from diffusion_jax.evaluation import analysis, evaluate  # pylint: disable=import-outside-toplevel
 
   out = {"steps": steps, "losses": {}, "x0_error": {}}
@@ -33,11 +34,11 @@ def train_both(steps: int, x0_examples: int = 256, buckets: int = 10, window: in
     config = quickstart.get_config()
     config.train.update(compute_dtype=dtype, num_steps=steps, seed=seed)
     components, settings = config_lib.build(config), config_lib.train_settings(config)
-    mesh = train.make_mesh(config)
-    state, shardings = train.create_train_state(components, settings, mesh)
+    mesh = state_lib.make_mesh(config)
+    state, shardings = state_lib.create_train_state(components, settings, mesh)
     step = train.jit_train_step(components, settings, mesh, shardings)
     batches = input_pipeline.create_iterator(config.data, seed)
-    to_device = lambda b: {k: jax.device_put(v, train.batch_sharding(mesh)) for k, v in b.items()}
+    to_device = lambda b: {k: jax.device_put(v, state_lib.batch_sharding(mesh)) for k, v in b.items()}
     losses = []
     for _ in range(steps):
       state, metrics = step(state, to_device(next(batches)))

@@ -7,7 +7,7 @@ diffusion's class-conditional ImageNet-512 ADM, about 559M parameters, batch 8 p
 device), compute dtype (float32, bfloat16) and use_checkpoint (off, on):
 
 - train-state bytes per device at fsdp 1 and 8: exact, from the abstract TrainState
-  (params, Adam moments, one EMA) and `train.fsdp_spec`;
+  (params, Adam moments, one EMA) and `state_lib.fsdp_spec`;
 - activation bytes: the residuals the backward pass keeps, counted from the leaves of
   `jax.vjp`'s backward function under `jax.eval_shape` (nothing is allocated or
   compiled; the weights the backward reads are included). This is an upper bound of
@@ -47,11 +47,11 @@ def _config(name: str, dtype: str, remat: bool):
 
 
 def _state_bytes(abstract_state, fsdp: int) -> int:
-  from diffusion_jax import train  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import state as state_lib  # pylint: disable=import-outside-toplevel
   total = 0
   sharded = (abstract_state.params, abstract_state.ema_params, abstract_state.opt_state)
   for leaf in jax_leaves(sharded):
-    spec = train.fsdp_spec(leaf.shape, fsdp)
+    spec = state_lib.fsdp_spec(leaf.shape, fsdp)
     divisor = fsdp if any(s == "fsdp" for s in spec) else 1
     total += int(np.prod(leaf.shape)) * leaf.dtype.itemsize // divisor
   rest = (abstract_state.step, abstract_state.rng, abstract_state.objective_state,
@@ -67,10 +67,11 @@ def jax_leaves(tree):
 def measure(name: str, dtype: str, remat: bool) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from diffusion_jax import config_lib, models, train  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import config_lib, models  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import state as state_lib  # pylint: disable=import-outside-toplevel
   c = _config(name, dtype, remat)
   components, settings = config_lib.build(c), config_lib.train_settings(c)
-  state = train.abstract_state(components, settings)
+  state = state_lib.abstract_state(components, settings)
   n, s = c.data.batch_size, c.model.image_size
   x = jax.ShapeDtypeStruct((n, s, s, 3), jnp.float32)
   t = jax.ShapeDtypeStruct((n,), jnp.int32)

@@ -78,11 +78,12 @@ def profile(config, steps: int = 5, warmup: int = 3) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from diffusion_jax import config_lib, train  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import state as state_lib  # pylint: disable=import-outside-toplevel
   components, settings = config_lib.build(config), config_lib.train_settings(config)
-  mesh = train.make_mesh(config)
-  state, shardings = train.create_train_state(components, settings, mesh)
+  mesh = state_lib.make_mesh(config)
+  state, shardings = state_lib.create_train_state(components, settings, mesh)
   m, n = config.model, config.data.batch_size
-  bs = train.batch_sharding(mesh)
+  bs = state_lib.batch_sharding(mesh)
   rng = np.random.default_rng(0)
   batch = {"image": jax.device_put(rng.uniform(-1, 1, (n, m.image_size, m.image_size,
                                                       m.in_channels)).astype(np.float32), bs),

@@ -21,6 +21,7 @@ if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import quickstart  # pylint: disable=g-import-not-at-top
   from diffusion_jax import checkpoints, config_lib, train
+  from diffusion_jax import state as state_lib
   from tests import tiny_config
 
   assert jax.device_count() == 8, jax.devices()
@@ -29,8 +30,8 @@ if __name__ == "__main__":
   # that the comparison is not dominated by sign flips of near-zero gradients.
   config.optim.update(warmup_steps=0, eps=1e-3)
   components, settings = config_lib.build(config), config_lib.train_settings(config)
-  mesh = train.make_mesh(config)
-  state, shardings = train.create_train_state(components, settings, mesh)
+  mesh = state_lib.make_mesh(config)
+  state, shardings = state_lib.create_train_state(components, settings, mesh)
   step = train.jit_train_step(components, settings, mesh, shardings)
   manager = checkpoints.create_manager(os.path.join(workdir, "fixed"), config)
   checkpoints.save(manager, 0, state, {}, config)
@@ -41,7 +42,7 @@ if __name__ == "__main__":
   for _ in range(3):
     images = rng.uniform(-1, 1, (n, 32, 32, 1)).astype(np.float32)
     labels = np.zeros((n,), np.int32)
-    batch = {k: jax.make_array_from_process_local_data(train.batch_sharding(mesh), v[lo:hi])
+    batch = {k: jax.make_array_from_process_local_data(state_lib.batch_sharding(mesh), v[lo:hi])
              for k, v in (("image", images), ("label", labels))}
     state, metrics = step(state, batch)
   print("loss", float(metrics["loss"]), "grad_norm", float(metrics["grad_norm"]))

@@ -9,6 +9,7 @@ import jax
 import pytest
 
 from diffusion_jax import config_lib, train
+from diffusion_jax import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
@@ -52,8 +53,8 @@ def test_paper_256_train_step_compiles_at_batch_1():
   from configs import celebahq256  # pylint: disable=import-outside-toplevel
   config = celebahq256.get_config()
   config.data.batch_size = 1
-  mesh = train.make_mesh(config, jax.devices()[:1])
-  state = jax.eval_shape(lambda: train.create_train_state(*_parts(config), mesh)[0])
+  mesh = state_lib.make_mesh(config, jax.devices()[:1])
+  state = jax.eval_shape(lambda: state_lib.create_train_state(*_parts(config), mesh)[0])
   batch = {"image": jax.ShapeDtypeStruct((1, 256, 256, 3), jax.numpy.float32),
            "label": jax.ShapeDtypeStruct((1,), jax.numpy.int32)}
   t0 = time.time()

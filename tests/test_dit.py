@@ -204,14 +204,15 @@ def _cli(workdir, *args, mode="train"):
 def test_one_dit_step_lowers_the_loss_on_a_fixed_batch():
   from configs import dit_quickstart  # pylint: disable=import-outside-toplevel
   from diffusion_jax import config_lib, input_pipeline, train  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import state as state_lib  # pylint: disable=import-outside-toplevel
   c = dit_quickstart.get_config()
   c.model.update(hidden_size=32, depth=2, num_heads=2)
   c.data.update(dataset="digits", batch_size=8)
   c.optim.update(lr=3e-3, warmup_steps=0, lr_schedule="constant")
   config_lib.validate_config(c, num_devices=jax.device_count())
   components, settings = config_lib.build(c), config_lib.train_settings(c)
-  mesh = train.make_mesh(c)
-  state, shardings = train.create_train_state(components, settings, mesh)
+  mesh = state_lib.make_mesh(c)
+  state, shardings = state_lib.create_train_state(components, settings, mesh)
   step = jax.jit(train.make_train_step(components, settings))
   batch = {k: jnp.asarray(v) for k, v in next(input_pipeline.create_iterator(c.data, 0)).items()}
   del shardings

@@ -10,6 +10,7 @@ from diffusion_jax import config_lib
 from diffusion_jax import models
 from diffusion_jax import samplers
 from diffusion_jax import train
+from diffusion_jax import state as state_lib
 
 PLATFORMS = ("cuda", "tpu")
 
@@ -35,7 +36,7 @@ def _batch(c):
 def test_the_celebahq256_train_and_sampler_steps_export_for_cuda_and_tpu(dtype, attention):
   c = _paper_config(dtype, attention)
   components, settings = config_lib.build(c), config_lib.train_settings(c)
-  state = train.abstract_state(components, settings)
+  state = state_lib.abstract_state(components, settings)
   exported = _export(train.make_train_step(components, settings), state, _batch(c))
   assert exported.platforms == PLATFORMS
   # The state comes back with its own shapes and dtypes (fp32 params under bf16 compute).

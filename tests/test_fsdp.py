@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from diffusion_jax import train
+from diffusion_jax import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,19 +20,20 @@ def _env(devices):
 
 
 def test_the_rule_shards_the_largest_divisible_dimension_and_replicates_small_leaves():
-  assert train.fsdp_spec((3, 3, 64, 128), 4) == P(None, None, None, "fsdp")
-  assert train.fsdp_spec((3, 3, 130, 64), 4) == P(None, None, None, "fsdp")  # 130 % 4 != 0
-  assert train.fsdp_spec((512, 512), 8) == P("fsdp", None)  # ties: the first dimension
-  assert train.fsdp_spec((3, 3, 131, 67), 4) == P()  # nothing divides
-  assert train.fsdp_spec((256,), 4) == P()  # a bias: below FSDP_MIN_ELEMENTS
-  assert train.fsdp_spec((), 4) == P()
-  assert train.fsdp_spec((3, 3, 64, 128), 1) == P()
+  assert state_lib.fsdp_spec((3, 3, 64, 128), 4) == P(None, None, None, "fsdp")
+  assert state_lib.fsdp_spec((3, 3, 130, 64), 4) == P(None, None, None, "fsdp")  # 130 % 4 != 0
+  assert state_lib.fsdp_spec((512, 512), 8) == P("fsdp", None)  # ties: the first dimension
+  assert state_lib.fsdp_spec((3, 3, 131, 67), 4) == P()  # nothing divides
+  assert state_lib.fsdp_spec((256,), 4) == P()  # a bias: below FSDP_MIN_ELEMENTS
+  assert state_lib.fsdp_spec((), 4) == P()
+  assert state_lib.fsdp_spec((3, 3, 64, 128), 1) == P()
 
 
 _SHARDED_STEPS = """
 import jax, jax.numpy as jnp, numpy as np, jax.flatten_util, json, sys
 jax.config.update("jax_disable_most_optimizations", True)
 from diffusion_jax import config_lib, input_pipeline, train
+from diffusion_jax import state as state_lib
 from tests import tiny_config
 config = tiny_config.get_config()
 # Adam's first steps are ±lr wherever |g| >> eps, so a different reduction order (an
@@ -45,16 +46,16 @@ out = {}
 for fsdp in FSDPS:
   config.train.fsdp = fsdp
   components, settings = config_lib.build(config), config_lib.train_settings(config)
-  mesh = train.make_mesh(config)
-  state, sh = train.create_train_state(components, settings, mesh)
-  nbytes = train.state_bytes_per_device(state, sh)
+  mesh = state_lib.make_mesh(config)
+  state, sh = state_lib.create_train_state(components, settings, mesh)
+  nbytes = state_lib.state_bytes_per_device(state, sh)
   step = train.jit_train_step(components, settings, mesh, sh)
-  bs = train.batch_sharding(mesh)
+  bs = state_lib.batch_sharding(mesh)
   losses = []
   for b in batches:
     state, m = step(state, {k: jax.device_put(v, bs) for k, v in b.items()})
     losses.append(float(m["loss"]))
-  shards = {leaf.addressable_shards[0].data.size / leaf.size for leaf in jax.tree_util.tree_leaves(state.params) if leaf.size >= train.FSDP_MIN_ELEMENTS}
+  shards = {leaf.addressable_shards[0].data.size / leaf.size for leaf in jax.tree_util.tree_leaves(state.params) if leaf.size >= state_lib.FSDP_MIN_ELEMENTS}
   flat = np.asarray(jax.flatten_util.ravel_pytree(jax.device_get(state))[0])
   out[fsdp] = dict(bytes=nbytes, losses=losses, shard_fractions=sorted(shards))
   np.save(f"{sys.argv[1]}/state_{fsdp}.npy", flat)

@@ -15,6 +15,7 @@ import optax
 import pytest
 
 from diffusion_jax import checkpoints, config_lib, input_pipeline, paths, reporting, train
+from diffusion_jax import state as state_lib
 from diffusion_jax import run as run_lib
 from tests import process_kill, tiny_config
 
@@ -54,8 +55,8 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch():
   config.model.learn_sigma = False
   components = _build(config)
   model, objective = components.model, components.objective
-  mesh = train.make_mesh(config)
-  state, _ = train.create_train_state(*_parts(config), mesh)
+  mesh = state_lib.make_mesh(config)
+  state, _ = state_lib.create_train_state(*_parts(config), mesh)
   batch = _fixed_batch(config)
   t = jnp.array([50, 200, 400, 600, 800, 950, 100, 700])
   noise = jax.random.normal(jax.random.PRNGKey(3), batch["image"].shape)
@@ -86,7 +87,7 @@ def test_weighting_reaches_the_loss():
     config.diffusion.update(var_type="fixed_small", loss_type="mse", weighting=name)
     config.model.learn_sigma = False
     model, diffusion = _build(config)[:2]
-    state, _ = train.create_train_state(*_parts(config), train.make_mesh(config))
+    state, _ = state_lib.create_train_state(*_parts(config), state_lib.make_mesh(config))
     params0 = state.params
     new_state, metrics = jax.jit(train.make_train_step(*_parts(config)))(state, batch)
     grads[name] = jax.tree_util.tree_map(lambda a, b: a - b, new_state.params, params0)
@@ -118,7 +119,7 @@ def test_gradient_accumulation_and_bf16():
     config.optim.update(grad_accum_steps=accum, eps=1e-3)
     config.train.compute_dtype = dtype
     model, diffusion = _build(config)[:2]
-    state, _ = train.create_train_state(*_parts(config), train.make_mesh(config))
+    state, _ = state_lib.create_train_state(*_parts(config), state_lib.make_mesh(config))
     p0 = jax.flatten_util.ravel_pytree(state.params)[0]
     state, metrics = jax.jit(train.make_train_step(*_parts(config)))(
         state, _fixed_batch(config))
@@ -238,8 +239,8 @@ def _compiled_step_with(tx, schedule=None):
   settings = config_lib.train_settings(config)
   if schedule is not None:
     settings = settings._replace(learning_rate=schedule)
-  mesh = train.make_mesh(config)
-  state, shardings = train.create_train_state(components, settings, mesh)
+  mesh = state_lib.make_mesh(config)
+  state, shardings = state_lib.create_train_state(components, settings, mesh)
   step = train.jit_train_step(components, settings, mesh, shardings)
   return state, step, next(input_pipeline.create_iterator(config.data, 0))
 
@@ -271,6 +272,7 @@ def test_eight_devices_equal_one_device():
   script = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from diffusion_jax import config_lib, input_pipeline, train
+    from diffusion_jax import state as state_lib
     from tests import tiny_config
     config = tiny_config.get_config()
     # Adam's first steps are ±lr wherever |g| >> eps, so reduction-order noise in a
@@ -283,9 +285,9 @@ def test_eight_devices_equal_one_device():
     batches = [next(it) for _ in range(2)]
     out = []
     for devices in (jax.devices()[:1], jax.devices()):
-      mesh = train.make_mesh(config, devices)
-      state, sh = train.create_train_state(components, settings, mesh)
-      bs = train.batch_sharding(mesh)
+      mesh = state_lib.make_mesh(config, devices)
+      state, sh = state_lib.create_train_state(components, settings, mesh)
+      bs = state_lib.batch_sharding(mesh)
       step = train.jit_train_step(components, settings, mesh, sh)
       logged = []
       for b in batches:
@@ -297,7 +299,7 @@ def test_eight_devices_equal_one_device():
     np.testing.assert_allclose(out[0][1], out[1][1], rtol=1e-5)
     a, b = (jax.flatten_util.ravel_pytree(p)[0] for p, _ in out)
     p0 = jax.flatten_util.ravel_pytree(
-        train.create_train_state(components, settings, mesh)[0].params)[0]
+        state_lib.create_train_state(components, settings, mesh)[0].params)[0]
     err = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a - p0)))
     print("max parameter difference relative to the largest update", err)
     assert err < 1e-4, err
