@@ -199,7 +199,7 @@ class FidVsSteps(Analysis):
                                 for s in steps) if recognised else ""))
       lines.append("")
       if recognised:
-        ref = ctx.classifier_reference or {}
+        ref = ctx.classifier.reference if ctx.classifier is not None else {}
         lines += [f"recognisable: the fraction of samples a small classifier of the data "
                   f"assigns one class with probability ≥ {ref.get('threshold', 0.8)} "
                   f"(real {ref.get('split', 'test')} images: "
