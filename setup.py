@@ -1,7 +1,8 @@
 """Installs diffusion_jax: `pip install -e .` (add `[test]` for the test suite)."""
 import pathlib
 
-from setuptools import find_packages, setup
+from setuptools import find_packages
+from setuptools import setup
 
 _HERE = pathlib.Path(__file__).parent
 
@@ -18,7 +19,7 @@ setup(
                  "'Unmasking Bias in Diffusion Model Training' (Yu et al., ECCV 2024)."),
     long_description=(_HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["diffusion_jax", "diffusion_jax.*", "configs"]),
+    packages=find_packages(include=["diffusion_jax", "diffusion_jax.*"]),
     python_requires=">=3.10",
     install_requires=_requirements("requirements.txt"),
     extras_require={

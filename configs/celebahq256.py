@@ -7,8 +7,8 @@ Prepare the images once (a folder of PNG/JPEG, searched recursively), then train
 `:constant`, `:p2`, `:min_snr`, `:snr` select the paper's baselines.
 Paper: FID-10k 7.3 (debias) vs 11.7 (constant) at 500k iterations.
 """
-from configs import _paper256
+from diffusion_jax.configs import paper256
 
 
 def get_config(weighting: str = "debias"):
-  return _paper256.paper_256("data/celebahq256", weighting or "debias")
+  return paper256.paper_256("data/celebahq256", weighting or "debias")

@@ -4,11 +4,11 @@
       --config.data.data_dir=/path/to/tensorflow_datasets
 The TFDS dataset must be prepared in ArrayRecord format (see docs/guide.md, Datasets).
 """
-from configs import default
+from diffusion_jax.configs import defaults
 
 
 def get_config(weighting: str = "debias"):
-  c = default.get_config()
+  c = defaults.get_config()
   c.model.update(image_size=32, in_channels=3, num_channels=128, num_res_blocks=2,
                  channel_mult="1,2,2,2", attention_resolutions="16", num_head_channels=64,
                  resblock_updown=True, use_scale_shift_norm=True, learn_sigma=True,

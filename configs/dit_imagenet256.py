@@ -11,12 +11,12 @@ AdamW lr 1e-4, weight decay 0, batch 256, EMA 0.9999, label dropout 0.1, learned
 linear schedule, T=1000. Its FIDs are therefore not comparable with the DiT paper's
 latent numbers. The weighting is the config argument (`:constant` for DiT's own loss).
 """
-from configs import default
 from diffusion_jax import models
+from diffusion_jax.configs import defaults
 
 
 def get_config(weighting: str = "debias"):
-  c = default.get_config()
+  c = defaults.get_config()
   c.model = models.config_fields("dit")
   c.model.update(image_size=256, in_channels=3, learn_sigma=True, class_cond=True,
                  num_classes=1000, patch_size=16, hidden_size=1152, depth=28, num_heads=16,

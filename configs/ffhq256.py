@@ -7,8 +7,8 @@ Prepare the images once (a folder of PNG/JPEG, searched recursively), then train
 `:constant`, `:p2`, `:min_snr`, `:snr` select the paper's baselines.
 Paper: debias reaches a lower FID-10k than constant weighting at equal iterations (paper, Table 1).
 """
-from configs import _paper256
+from diffusion_jax.configs import paper256
 
 
 def get_config(weighting: str = "debias"):
-  return _paper256.paper_256("data/ffhq256", weighting or "debias")
+  return paper256.paper_256("data/ffhq256", weighting or "debias")

@@ -4,11 +4,11 @@
       --config.data.data_dir=/path/to/tensorflow_datasets
 Reads TFDS `imagenet2012` prepared in ArrayRecord format, without TensorFlow.
 """
-from configs import default
+from diffusion_jax.configs import defaults
 
 
 def get_config(weighting: str = "debias"):
-  c = default.get_config()
+  c = defaults.get_config()
   c.model.update(image_size=256, in_channels=3, num_channels=256, num_res_blocks=2,
                  channel_mult="", attention_resolutions="32,16,8", num_head_channels=64,
                  resblock_updown=True, use_scale_shift_norm=True, learn_sigma=True,

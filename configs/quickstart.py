@@ -24,7 +24,7 @@ paper's colour-shift analysis). The weighting comparison at this scale:
   python -m diffusion_jax.main --config=configs/quickstart.py:photo_patches \\
       --workdir=workdirs/compare_photo --mode=compare
 """
-from configs import default
+from diffusion_jax.configs import defaults
 
 DATASETS = ("fashion_mnist", "photo_patches")
 
@@ -33,7 +33,7 @@ def get_config(dataset: str = "fashion_mnist"):
   if dataset not in DATASETS:
     raise ValueError(f"quickstart dataset {dataset!r}: choose one of {DATASETS} "
                      "(e.g. --config=configs/quickstart.py:photo_patches).")
-  c = default.get_config()
+  c = defaults.get_config()
   c.model.update(image_size=32, in_channels=1 if dataset == "fashion_mnist" else 3,
                  num_channels=32, channel_mult="1,2,2", attention_resolutions="8",
                  num_head_channels=32)

@@ -20,12 +20,12 @@ import logging as std_logging
 import os
 import sys
 
+from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
-from etils import epath
 
 from diffusion_jax import config_lib
 from diffusion_jax import paths

@@ -7,24 +7,25 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import ml_collections
 import optax
 
-from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import input_pipeline
 from diffusion_jax import models
-from diffusion_jax import objective as objective_lib
+from diffusion_jax.core import diffusion as diffusion_lib
+from diffusion_jax.core import objective as objective_lib
+from diffusion_jax.data import input_pipeline
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("einsum", "fused")
 NAN_POLICIES = ("halt", "skip")
 
 def _default_config():
-  from configs import default  # pylint: disable=import-outside-toplevel
-  return default.get_config()
+  from diffusion_jax.configs import defaults  # pylint: disable=import-outside-toplevel
+  return defaults.get_config()
 
 
 def _unknown_fields(config, reference, prefix="") -> list[str]:
@@ -73,7 +74,7 @@ def _ema_choice(value, field: str) -> None:
 
 def validate_sample_fields(config) -> None:
   """config.sample, checked before training so a bad sampler cannot lose a run's end."""
-  from diffusion_jax import samplers  # pylint: disable=import-outside-toplevel
+  from diffusion_jax.sampling import samplers  # pylint: disable=import-outside-toplevel
   s = config.sample
   _require(s.sampler in samplers.SAMPLERS, "sample.sampler", s.sampler,
            f"choose one of {list(samplers.SAMPLERS)}")
@@ -94,7 +95,7 @@ def validate_sample_fields(config) -> None:
 
 def validate_eval_fields(config) -> None:
   """config.eval (the paths are checked when evaluation starts)."""
-  from diffusion_jax import samplers  # pylint: disable=import-outside-toplevel
+  from diffusion_jax.sampling import samplers  # pylint: disable=import-outside-toplevel
   e = config.eval
   int_list(e.steps, "eval.steps")
   int_list(e.colour_steps, "eval.colour_steps")
@@ -200,7 +201,7 @@ def validate_config(config, num_devices: int | None = None) -> None:
 def _validate(config, num_devices: int | None) -> None:
   unknown = _unknown_fields(config, _default_config())
   if unknown:
-    raise ConfigError(f"Unknown config field(s) {unknown}; see configs/default.py for "
+    raise ConfigError(f"Unknown config field(s) {unknown}; see diffusion_jax/configs/defaults.py for "
                       "every field.")
   models.validate_model_config(config.model)
   _validate_train_and_optim(config)

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 
+from absl import logging
 import jax
 import numpy as np
-from absl import logging
 
 _EXPLICIT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 

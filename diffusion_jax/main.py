@@ -41,7 +41,11 @@ def main(argv):
     from diffusion_jax import checkpoints  # pylint: disable=import-outside-toplevel
     logging.get_absl_handler().addFilter(checkpoints.quiet_library_errors)
   _load_config_or_exit()
-  from diffusion_jax import checkpoints, config_lib, input_pipeline, paths, workdir_lock  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import config_lib  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import paths  # pylint: disable=import-outside-toplevel
+  from diffusion_jax.data import input_pipeline
+  from diffusion_jax.training import workdir_lock
   user_errors = (config_lib.ConfigError, paths.StorageError, workdir_lock.WorkdirLockedError,
                  checkpoints.CheckpointSaveError, checkpoints.CheckpointConfigError,
                  checkpoints.NoCheckpointError, input_pipeline.DataError)
@@ -89,8 +93,6 @@ def _config_catalogue() -> str:
                  key=lambda p: (os.path.basename(p) != "quickstart.py", p))
   entries = []
   for file in found:
-    if os.path.basename(file) == "default.py":
-      continue
     with open(file, encoding="utf-8") as f:
       doc = ast.get_docstring(ast.parse(f.read())) or ""
     entries.append(f"configs/{os.path.basename(file)} ({doc.split(chr(10))[0].rstrip('.')})")
@@ -143,8 +145,8 @@ def _interrupt(signum, frame):
 
 
 def _run_mode():
-  from diffusion_jax import distributed  # pylint: disable=import-outside-toplevel
   from diffusion_jax import config_lib  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import distributed  # pylint: disable=import-outside-toplevel
   config_lib.validate_eval_fields(FLAGS.config)  # the preset name, before it is applied
   explicit = {a[len("--config.eval."):].split("=")[0] for a in sys.argv
               if a.startswith("--config.eval.")}
@@ -154,7 +156,7 @@ def _run_mode():
           [config.data.batch_size, config.sample.batch_size]))
   distributed.initialize()
   if FLAGS.mode == "train":
-    from diffusion_jax import train  # pylint: disable=import-outside-toplevel
+    from diffusion_jax.training import train  # pylint: disable=import-outside-toplevel
     train.train_and_sample(config, FLAGS.workdir)
   elif FLAGS.mode == "sample":
     from diffusion_jax import run  # pylint: disable=import-outside-toplevel
@@ -172,7 +174,7 @@ def _run_mode():
     if _is_primary():
       print(f"Wrote {report['files']['report']} (plots and report.json beside it)")
   elif FLAGS.mode == "prepare":
-    from diffusion_jax import image_folder  # pylint: disable=import-outside-toplevel
+    from diffusion_jax.data import image_folder  # pylint: disable=import-outside-toplevel
     summary = image_folder.prepare(config)
     held = summary["splits"].get("test")
     print(f"Prepared {summary['num_records']} images at {config.data.image_size}px into "
@@ -181,7 +183,7 @@ def _run_mode():
   elif FLAGS.mode == "convert":
     if not FLAGS.checkpoint:
       raise app.UsageError("--mode=convert needs --checkpoint=PATH (.pt, .safetensors, .npz).")
-    from diffusion_jax import convert  # pylint: disable=import-outside-toplevel
+    from diffusion_jax.tools import convert  # pylint: disable=import-outside-toplevel
     convert.convert_checkpoint(FLAGS.checkpoint, config, FLAGS.workdir)
 
 
@@ -195,12 +197,13 @@ def _unknown_config_field(argv) -> str | None:
   """A message naming the first --config.X.Y override that is not a config field and
   the closest field that is, or None."""
   import difflib  # pylint: disable=import-outside-toplevel
-  from configs import default  # pylint: disable=import-outside-toplevel
+
+  from diffusion_jax.configs import defaults  # pylint: disable=import-outside-toplevel
   for arg in argv[1:]:
     if not arg.startswith("--config."):
       continue
     dotted = arg[len("--config."):].split("=", 1)[0]
-    node, parts = default.get_config(), dotted.split(".")
+    node, parts = defaults.get_config(), dotted.split(".")
     for i, part in enumerate(parts):
       options = list(node.keys()) if hasattr(node, "keys") else []
       if part not in options:
@@ -209,14 +212,26 @@ def _unknown_config_field(argv) -> str | None:
         hint = (f"did you mean config.{prefix}{close[0]}?" if close else
                 f"config.{prefix.rstrip('.') or ''} has {options}")
         return (f"Unknown config field config.{dotted}: {hint} (every field is in "
-                "configs/default.py)")
+                "diffusion_jax/configs/defaults.py)")
       node = node[part]
   return None
+
+
+def _config_siblings_importable(argv) -> None:
+  """Lets a config import the configs beside it (`from configs import quickstart`) from
+  any working directory: the folder above the config's package goes first on sys.path.
+  (The config is a local Python file, never a gs:// path, so plain os.path.)"""
+  for arg in argv[1:]:
+    if arg.startswith("--config="):
+      folder = os.path.dirname(os.path.abspath(arg[len("--config="):].split(":", 1)[0]))
+      if os.path.isfile(os.path.join(folder, "__init__.py")):
+        sys.path.insert(0, os.path.dirname(folder))
 
 
 def _parse_flags(argv):
   """absl's flag parsing, with one line and exit code 2 for a bad flag or config field
   (the traceback only with --verbosity)."""
+  _config_siblings_importable(argv)
   try:
     return FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except
@@ -232,8 +247,8 @@ def _parse_flags(argv):
 
 def run():
   """Console-script entry point (`diffusion-jax`); runs under tcmalloc where installed
-  (`diffusion_jax.allocator`)."""
-  from diffusion_jax import allocator  # pylint: disable=import-outside-toplevel
+  (`diffusion_jax.tools.allocator`)."""
+  from diffusion_jax.tools import allocator  # pylint: disable=import-outside-toplevel
   allocator.use_tcmalloc()
   app.run(main, flags_parser=_parse_flags)
 

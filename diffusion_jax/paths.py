@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import io
 import os
-import zipfile
 from typing import Union
+import zipfile
 
+from etils import epath
 import fsspec
 import fsspec.config
 import numpy as np
-from etils import epath
 
 PathLike = Union[str, os.PathLike]
 

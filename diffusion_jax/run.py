@@ -16,8 +16,8 @@ from diffusion_jax import checkpoints
 from diffusion_jax import config_lib
 from diffusion_jax import models
 from diffusion_jax import paths
-from diffusion_jax import samplers
 from diffusion_jax import state as state_lib
+from diffusion_jax.sampling import samplers
 
 
 def load_checkpoint(workdir: str, step: int | None = None) -> state_lib.TrainState:

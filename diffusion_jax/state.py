@@ -13,8 +13,10 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffusion_jax import config_lib
 from diffusion_jax import models

@@ -63,10 +63,10 @@ def _parse(argv):
 def main(argv=None) -> dict:
   args = _parse(argv)
   sys.path.insert(0, os.path.abspath(args.baseline_dir))
-  import torch as th  # pylint: disable=import-outside-toplevel
   from guided_diffusion import script_util  # pylint: disable=import-outside-toplevel
   from guided_diffusion import unet  # pylint: disable=import-outside-toplevel
   from guided_diffusion.resample import UniformSampler  # pylint: disable=import-outside-toplevel
+  import torch as th  # pylint: disable=import-outside-toplevel
 
   if args.dtype == "bfloat16":
     # The official attention block always recomputes its forward in backward, outside the

@@ -2,7 +2,7 @@
 
   python3 launch/bench_table.py bench_out
 
-Rows are read from ours_*.json (diffusion_jax.bench) and official_*.json
+Rows are read from ours_*.json (diffusion_jax.tools.bench) and official_*.json
 (launch/baseline_bench.py). The official step's TFLOP/s and MFU use XLA's FLOP count of our
 step on the same case and batch (the same computation), so the two are comparable.
 """

@@ -24,10 +24,14 @@ def train_both(steps: int, x0_examples: int = 256, buckets: int = 10, window: in
   """{"losses": {dtype: [steps floats]}, "window_gap": [max over dtypes' windowed means
   of |bf16 − fp32| / fp32], "x0_error": {dtype: analysis.x0_error_by_timestep result}}."""
   import jax  # pylint: disable=import-outside-toplevel
+
   from configs import quickstart  # pylint: disable=import-outside-toplevel
-  from diffusion_jax import config_lib, input_pipeline, train  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import config_lib  # pylint: disable=import-outside-toplevel
   from diffusion_jax import state as state_lib  # pylint: disable=import-outside-toplevel
-  from diffusion_jax.evaluation import analysis, evaluate  # pylint: disable=import-outside-toplevel
+  from diffusion_jax.data import input_pipeline
+  from diffusion_jax.evaluation import analysis  # pylint: disable=import-outside-toplevel
+  from diffusion_jax.evaluation import evaluate  # pylint: disable=import-outside-toplevel
+  from diffusion_jax.training import train
 
   out = {"steps": steps, "losses": {}, "x0_error": {}}
   for dtype in DTYPES:

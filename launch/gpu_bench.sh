@@ -2,7 +2,7 @@
 # One prepared GPU benchmark, ours and the official code side by side, in one call:
 #   * the paper's 256 px model (configs/celebahq256.py) at batch 8, 16 and 32, fp32 and bf16;
 #   * small32 (configs/bench_cpu_small.py, batch 16, fp32), the CPU benchmark's case.
-# Each of our rows runs `diffusion_jax.bench` in its own process and is followed by the
+# Each of our rows runs `diffusion_jax.tools.bench` in its own process and is followed by the
 # official PyTorch step on the same case, batch and dtype (launch/baseline_bench.py; bf16 is
 # torch.autocast; $BASELINE_PYTHON is its interpreter, default python3). One JSON per row goes into --out; the table (with ratios) is printed last
 # and written to OUT/table.md. Rows run in order of importance, so a cut-off run keeps the
@@ -55,7 +55,7 @@ run() {  # prints the command in a dry run, else runs it; a failed row does not 
   if [[ $dry == 1 ]]; then printf '%q ' "$@"; echo; else "$@" || echo "row failed: $*" >&2; fi
 }
 ours() {  # config dtype batch name
-  run python3 -m diffusion_jax.bench "--config=$1" "--config.train.compute_dtype=$2" \
+  run python3 -m diffusion_jax.tools.bench "--config=$1" "--config.train.compute_dtype=$2" \
     "--config.data.batch_size=$3" "--runs=$runs" "--json=$out/ours_$4_$2_b$3.json"
 }
 official() {  # case dtype batch name

@@ -6,7 +6,7 @@ Loads the run's EMA params (`run.open_run`) and one fixed batch of its training 
 then for each weighting in --weightings and each timestep sampler in --samplers measures
 `analysis.gradient_variance` (the total variance of the batch gradient over draws of t
 and ε) and prints a Markdown table with the ratio importance ÷ uniform per weighting.
-The objective is the same for both samplers (diffusion_jax/objective/tdensity.py), so a ratio below 1 is less
+The objective is the same for both samplers (diffusion_jax/core/objective/tdensity.py), so a ratio below 1 is less
 gradient noise for the same expected gradient.
 """
 from __future__ import annotations
@@ -28,7 +28,9 @@ def main(argv=None) -> dict:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default="")
   args = p.parse_args(argv)
-  from diffusion_jax import config_lib, input_pipeline, run  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import config_lib  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import run  # pylint: disable=import-outside-toplevel
+  from diffusion_jax.data import input_pipeline
   from diffusion_jax.evaluation import analysis  # pylint: disable=import-outside-toplevel
 
   trained = run.open_run(args.workdir)

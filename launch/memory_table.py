@@ -67,7 +67,9 @@ def jax_leaves(tree):
 def measure(name: str, dtype: str, remat: bool) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from diffusion_jax import config_lib, models  # pylint: disable=import-outside-toplevel
+
+  from diffusion_jax import config_lib  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import models  # pylint: disable=import-outside-toplevel
   from diffusion_jax import state as state_lib  # pylint: disable=import-outside-toplevel
   c = _config(name, dtype, remat)
   components, settings = config_lib.build(c), config_lib.train_settings(c)

@@ -2,7 +2,7 @@
 
   python3 launch/profile_step.py --config=configs/bench_cpu_small.py [--steps=5] [--top=10]
 
-Compiles the step as `diffusion_jax.bench` does (same config, batch and CPU device
+Compiles the step as `diffusion_jax.tools.bench` does (same config, batch and CPU device
 split), traces --steps calls with `jax.profiler`, and sums each HLO instruction's time
 over the calls and device threads. Prints the --top instructions as a Markdown table:
 ms per step (summed over devices), share of all instruction time, and what each is (the
@@ -75,10 +75,13 @@ def profile(config, steps: int = 5, warmup: int = 3) -> dict:
   """{"ms_per_step": wall ms, "ops": [(name, ms per step summed over devices, share,
   description)], sorted by time}."""
   import time  # pylint: disable=import-outside-toplevel
+
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from diffusion_jax import config_lib, train  # pylint: disable=import-outside-toplevel
+
+  from diffusion_jax import config_lib  # pylint: disable=import-outside-toplevel
   from diffusion_jax import state as state_lib  # pylint: disable=import-outside-toplevel
+  from diffusion_jax.training import train
   components, settings = config_lib.build(config), config_lib.train_settings(config)
   mesh = state_lib.make_mesh(config)
   state, shardings = state_lib.create_train_state(components, settings, mesh)
@@ -170,6 +173,7 @@ def main(argv=None) -> dict:
   p.add_argument("--json", default="")
   args = p.parse_args(argv)
   import importlib.util  # pylint: disable=import-outside-toplevel
+
   from diffusion_jax import distributed  # pylint: disable=import-outside-toplevel
   spec = importlib.util.spec_from_file_location("profiled_config", args.config)
   module = importlib.util.module_from_spec(spec)

@@ -20,8 +20,10 @@ if __name__ == "__main__":
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import quickstart  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import checkpoints, config_lib, train
+  from diffusion_jax import checkpoints
+  from diffusion_jax import config_lib
   from diffusion_jax import state as state_lib
+  from diffusion_jax.training import train
   from tests import tiny_config
 
   assert jax.device_count() == 8, jax.devices()

@@ -3,8 +3,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import samplers
+from diffusion_jax.core import diffusion as diffusion_lib
+from diffusion_jax.sampling import samplers
 
 MU = np.array([0.3, -0.2, 0.1], np.float32)   # per channel
 STD = np.array([0.2, 0.35, 0.5], np.float32)

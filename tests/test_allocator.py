@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from diffusion_jax import allocator
+from diffusion_jax.tools import allocator
 
 TCMALLOC = "libtcmalloc_minimal.so.4"
 
@@ -18,7 +18,7 @@ def test_reexecutes_with_tcmalloc_preloaded_and_the_command_line_kept():
 
 
 def test_no_reexecution_when_opted_out_already_preloaded_or_not_installed():
-  argv = ["python3", "-m", "diffusion_jax.bench"]
+  argv = ["python3", "-m", "diffusion_jax.tools.bench"]
   found = lambda: TCMALLOC
   assert allocator.tcmalloc_command(argv, {allocator.ENV: "system"}, find=found) is None
   assert allocator.tcmalloc_command(argv, {allocator.ENV: "tcmalloc"}, find=found) is None

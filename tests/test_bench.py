@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from diffusion_jax import allocator
-from diffusion_jax import bench
+from diffusion_jax.tools import allocator
+from diffusion_jax.tools import bench
 from tests import tiny_config
 
 
@@ -23,7 +23,7 @@ def test_benchmark_reports_every_key():
 @pytest.mark.slow  # a subprocess that compiles the step (~30 s)
 def test_bench_cli_writes_json(tmp_path):
   out = tmp_path / "b.json"
-  r = subprocess.run([sys.executable, "-m", "diffusion_jax.bench", "--config=tests/tiny_config.py",
+  r = subprocess.run([sys.executable, "-m", "diffusion_jax.tools.bench", "--config=tests/tiny_config.py",
                       f"--json={out}", "--runs=1", "--warmup=0"], capture_output=True, text=True,
                      timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
@@ -64,6 +64,7 @@ def test_the_default_baseline_runner_is_the_checkout_beside_the_repository():
 
 def test_each_bench_config_names_the_official_case_it_equals():
   from absl import app  # pylint: disable=import-outside-toplevel
+
   from configs import bench_cpu_small  # pylint: disable=import-outside-toplevel
   small, paper64 = bench_cpu_small.get_config(), bench_cpu_small.get_config("paper64")
   # ../shared/baseline/ref_step.py: small32 is 32 px, 64 channels, 32-channel heads,

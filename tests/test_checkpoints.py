@@ -6,7 +6,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from diffusion_jax import checkpoints, paths, train
+from diffusion_jax import checkpoints
+from diffusion_jax import paths
+from diffusion_jax.training import train
 from tests import tiny_config
 
 
@@ -171,13 +173,14 @@ def test_library_error_logs_are_dropped_unless_verbose():
   orbax = "/site-packages/orbax/checkpoint/_src/checkpoint_manager.py"
   assert not checkpoints.quiet_library_errors(record(logging.ERROR, orbax))
   assert checkpoints.quiet_library_errors(record(logging.WARNING, orbax))
-  assert checkpoints.quiet_library_errors(record(logging.ERROR, "/repo/diffusion_jax/train.py"))
+  assert checkpoints.quiet_library_errors(record(logging.ERROR, "/repo/diffusion_jax/training/train.py"))
 
 
 def test_a_checkpoint_from_before_the_objective_state_was_renamed_resumes_bitwise(tmp_path):
   """Checkpoints written while TrainState called the objective's state `sampler_state`
   load and resume exactly as the same step saved today."""
   import flax  # pylint: disable=import-outside-toplevel
+
   from diffusion_jax import run as run_lib  # pylint: disable=import-outside-toplevel
 
   @flax.struct.dataclass

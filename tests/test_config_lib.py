@@ -4,9 +4,10 @@ import math
 
 import pytest
 
-from diffusion_jax import checkpoints, config_lib, models
+from diffusion_jax import checkpoints
+from diffusion_jax import config_lib
+from diffusion_jax import models
 from tests import tiny_config
-
 
 # Fields with no invalid value of their type, and why. Every other train/optim/data/
 # sample/eval field must reject at least one bad value in `validate_config`.
@@ -50,9 +51,9 @@ def _bad_values(value):
 
 @pytest.mark.parametrize("section", ["train", "optim", "data", "sample", "eval"])
 def test_every_field_is_validated_before_anything_compiles(section):
-  from configs import default  # pylint: disable=import-outside-toplevel
+  from diffusion_jax.configs import defaults  # pylint: disable=import-outside-toplevel
   unchecked = []
-  for field, value in _leaves(default.get_config()[section], f"{section}."):
+  for field, value in _leaves(defaults.get_config()[section], f"{section}."):
     if field in _FREE_FIELDS or isinstance(value, bool):
       continue
     rejected = False

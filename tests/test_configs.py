@@ -8,8 +8,9 @@ import time
 import jax
 import pytest
 
-from diffusion_jax import config_lib, train
+from diffusion_jax import config_lib
 from diffusion_jax import state as state_lib
+from diffusion_jax.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "*.py"))

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import objective
-from diffusion_jax import schedules
+from diffusion_jax.core import diffusion as diffusion_lib
+from diffusion_jax.core import objective
+from diffusion_jax.core import schedules
 
 T = 1000
 SHAPE = (6, 4, 4, 3)

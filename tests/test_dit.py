@@ -13,10 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import convert
 from diffusion_jax import models
-from diffusion_jax.models import dit
 from diffusion_jax import run as run_lib
+from diffusion_jax.models import dit
+from diffusion_jax.models import layers
+from diffusion_jax.tools import convert
 
 torch = pytest.importorskip("torch")
 
@@ -58,7 +59,7 @@ def _randomised(torch_model, seed):
 
 def _jax_frequencies():
   """Our float32 timestep frequencies (XLA's exp), as a torch tensor."""
-  return torch.from_numpy(np.array(models.unet.timestep_frequencies(256)))
+  return torch.from_numpy(np.array(layers.timestep_frequencies(256)))
 
 
 def test_timestep_frequencies_agree_to_one_ulp():
@@ -203,8 +204,10 @@ def _cli(workdir, *args, mode="train"):
 
 def test_one_dit_step_lowers_the_loss_on_a_fixed_batch():
   from configs import dit_quickstart  # pylint: disable=import-outside-toplevel
-  from diffusion_jax import config_lib, input_pipeline, train  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import config_lib  # pylint: disable=import-outside-toplevel
   from diffusion_jax import state as state_lib  # pylint: disable=import-outside-toplevel
+  from diffusion_jax.data import input_pipeline
+  from diffusion_jax.training import train
   c = dit_quickstart.get_config()
   c.model.update(hidden_size=32, depth=2, num_heads=2)
   c.data.update(dataset="digits", batch_size=8)
@@ -227,6 +230,7 @@ def test_one_dit_step_lowers_the_loss_on_a_fixed_batch():
 @pytest.mark.slow  # two 40-step DiT runs through the CLI (~2 min)
 def test_dit_quickstart_trains_samples_and_resumes_bitwise_after_sigkill(tmp_path):
   import subprocess  # pylint: disable=import-outside-toplevel
+
   from tests import process_kill  # pylint: disable=import-outside-toplevel
   ref = subprocess.run(_cli(tmp_path / "ref"), env=_env(), cwd=REPO, capture_output=True,
                        text=True, timeout=600)

@@ -5,14 +5,19 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from diffusion_jax import checkpoints
-from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import train
-from diffusion_jax.evaluation import analyses, analysis, compare, evaluate, plots, registry
 from diffusion_jax import run as run_lib
+from diffusion_jax.core import diffusion as diffusion_lib
+from diffusion_jax.evaluation import analyses
+from diffusion_jax.evaluation import analysis
+from diffusion_jax.evaluation import compare
+from diffusion_jax.evaluation import evaluate
+from diffusion_jax.evaluation import plots
+from diffusion_jax.evaluation import registry
+from diffusion_jax.training import train
 from tests import tiny_config
 
 
@@ -222,7 +227,7 @@ def test_ema_index_picks_the_named_rate():
 
 
 def test_static_fraction_separates_static_from_garments():
-  from diffusion_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  from diffusion_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
   real = input_pipeline.load_fashion_mnist("test").images[:500]
   static = np.random.default_rng(0).integers(0, 256, (50, 28, 28, 1), dtype=np.uint8)
   assert analysis.static_fraction(real) < 0.01
@@ -232,7 +237,8 @@ def test_static_fraction_separates_static_from_garments():
 
 def test_gradient_variance_is_computed_for_any_timestep_sampler():
   """Only that it is computed (its value is a measurement, in the README)."""
-  from diffusion_jax import config_lib, models  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import config_lib  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import models  # pylint: disable=import-outside-toplevel
   config = _tiny_eval_config()
   images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 1)), jnp.float32)
   config.diffusion.timestep_sampler = "importance"
@@ -244,7 +250,8 @@ def test_gradient_variance_is_computed_for_any_timestep_sampler():
 
 
 def test_sample_images_uses_the_solver_settings():
-  from diffusion_jax import config_lib, models  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import config_lib  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import models  # pylint: disable=import-outside-toplevel
   config = _tiny_eval_config()
   model = config_lib.build_model(config)
   params = models.init_params(model, jax.random.PRNGKey(0))
@@ -340,7 +347,8 @@ class _ToySteps(registry.Analysis):
 
 
 def test_a_toy_analysis_added_from_a_test_runs_by_name_and_in_order(tmp_path):
-  from diffusion_jax import config_lib, models  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import config_lib  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import models  # pylint: disable=import-outside-toplevel
   config = _tiny_eval_config()
   config.eval.analyses = "toy_steps,toy_count"
   evaluate.validate_eval_config(config)

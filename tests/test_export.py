@@ -8,9 +8,9 @@ import pytest
 from configs import celebahq256
 from diffusion_jax import config_lib
 from diffusion_jax import models
-from diffusion_jax import samplers
-from diffusion_jax import train
 from diffusion_jax import state as state_lib
+from diffusion_jax.sampling import samplers
+from diffusion_jax.training import train
 
 PLATFORMS = ("cuda", "tpu")
 

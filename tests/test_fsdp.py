@@ -5,9 +5,9 @@ import os
 import subprocess
 import sys
 
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import state as state_lib
 
@@ -32,7 +32,9 @@ def test_the_rule_shards_the_largest_divisible_dimension_and_replicates_small_le
 _SHARDED_STEPS = """
 import jax, jax.numpy as jnp, numpy as np, jax.flatten_util, json, sys
 jax.config.update("jax_disable_most_optimizations", True)
-from diffusion_jax import config_lib, input_pipeline, train
+from diffusion_jax import config_lib
+from diffusion_jax.data import input_pipeline
+from diffusion_jax.training import train
 from diffusion_jax import state as state_lib
 from tests import tiny_config
 config = tiny_config.get_config()
@@ -100,6 +102,7 @@ def _quickstart(workdir, devices, *args):
 def test_quickstart_at_fsdp_1_and_4_agree_and_each_checkpoint_restores_under_the_other(
     tmp_path):
   import jax  # pylint: disable=import-outside-toplevel
+
   from diffusion_jax import run as run_lib  # pylint: disable=import-outside-toplevel
   _quickstart(tmp_path / "fsdp1", 8, "--config.train.fsdp=1")
   _quickstart(tmp_path / "fsdp4", 8, "--config.train.fsdp=4")
@@ -120,7 +123,7 @@ def test_bench_reports_the_state_shrinking_with_fsdp(tmp_path):
   sizes = {}
   for fsdp in (1, 4):
     out = tmp_path / f"bench_{fsdp}.json"
-    r = subprocess.run([sys.executable, "-m", "diffusion_jax.bench",
+    r = subprocess.run([sys.executable, "-m", "diffusion_jax.tools.bench",
                         "--config=configs/bench_cpu_small.py", f"--config.train.fsdp={fsdp}",
                         "--runs=1", "--warmup=0", f"--json={out}"], env=_env(8), cwd=REPO,
                        capture_output=True, text=True, timeout=900)

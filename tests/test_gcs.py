@@ -11,13 +11,17 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 from PIL import Image
+import pytest
 
-from diffusion_jax import checkpoints, image_folder, input_pipeline, paths
-from diffusion_jax.evaluation import evaluate
-from diffusion_jax import reporting, train
+from diffusion_jax import checkpoints
+from diffusion_jax import paths
+from diffusion_jax import reporting
 from diffusion_jax import run as run_lib
+from diffusion_jax.data import image_folder
+from diffusion_jax.data import input_pipeline
+from diffusion_jax.evaluation import evaluate
+from diffusion_jax.training import train
 from tests import tiny_config
 from tests.gcs_emulator import FlakyProxy
 

@@ -17,8 +17,11 @@ import zipfile
 import numpy as np
 import pytest
 
-from diffusion_jax import convert, torch_archive
-from tests.test_torch_archive import _int, _str, _tuple  # opcode writers
+from diffusion_jax import torch_archive
+from diffusion_jax.tools import convert
+from tests.test_torch_archive import _int  # opcode writers
+from tests.test_torch_archive import _str  # opcode writers
+from tests.test_torch_archive import _tuple  # opcode writers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROTO = b"\x80\x02"
@@ -159,7 +162,7 @@ _PEAK_KB = ("int(next(l.split()[1] for l in open('/proc/self/status') "
 
 _READER = """
 import sys, time
-from diffusion_jax import convert
+from diffusion_jax.tools import convert
 budget = int(sys.argv[1])
 for path in sys.argv[2:]:
   t0 = time.perf_counter()
@@ -181,7 +184,7 @@ def test_every_hostile_file_is_refused_within_the_models_size(tmp_path):
     files.append(str(path))
   budget = 1_388_040  # elements: convert.max_elements of the quickstart model
   baseline = subprocess.run([sys.executable, "-c",
-                             f"import diffusion_jax.convert; print({_PEAK_KB})"],
+                             f"import diffusion_jax.tools.convert; print({_PEAK_KB})"],
                             cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
   run = subprocess.run([sys.executable, "-c", _READER, str(budget)] + files, cwd=REPO,
                        capture_output=True, text=True, timeout=300)

@@ -4,10 +4,11 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-from diffusion_jax import image_folder, input_pipeline
+from diffusion_jax.data import image_folder
+from diffusion_jax.data import input_pipeline
 from tests import tiny_config
 
 

@@ -65,7 +65,7 @@ def test_gpu_bench_dry_run():
   assert r.returncode == 0, r.stderr
   lines = r.stdout.strip().splitlines()
   assert len(lines) == 14  # (3 batches × 2 dtypes + small32) × (ours, official)
-  ours = [l for l in lines if "diffusion_jax.bench" in l]
+  ours = [l for l in lines if "diffusion_jax.tools.bench" in l]
   official = [l for l in lines if "baseline_bench.py" in l]
   assert len(ours) == len(official) == 7
   assert "--config.data.batch_size=32" in ours[5] and "compute_dtype=bfloat16" in ours[5]
@@ -110,6 +110,7 @@ def test_bench_table_pairs_rows_and_ratios(tmp_path):
 def test_gpu_compare_dry_run_is_a_valid_compare_command():
   import ast  # pylint: disable=import-outside-toplevel
   import shlex  # pylint: disable=import-outside-toplevel
+
   from configs import quickstart  # pylint: disable=import-outside-toplevel
   from diffusion_jax import config_lib  # pylint: disable=import-outside-toplevel
   from diffusion_jax.evaluation import compare  # pylint: disable=import-outside-toplevel

@@ -4,10 +4,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import config_lib, train
-from diffusion_jax.objective import learned
+from diffusion_jax import config_lib
 from diffusion_jax import run as run_lib
-from diffusion_jax.evaluation import analyses, plots
+from diffusion_jax.core.objective import learned
+from diffusion_jax.evaluation import analyses
+from diffusion_jax.evaluation import plots
+from diffusion_jax.training import train
 from tests import tiny_config
 
 

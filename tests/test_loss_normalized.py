@@ -3,10 +3,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import train
 from diffusion_jax import run as run_lib
+from diffusion_jax.core.objective import loss_normalized
 from diffusion_jax.evaluation import analyses
-from diffusion_jax.objective import loss_normalized
+from diffusion_jax.training import train
 from tests import tiny_config
 
 TERM = loss_normalized.LossNormalizedWeighting()

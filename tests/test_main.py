@@ -81,7 +81,7 @@ def test_user_errors_are_one_line_and_exit_2(args, message, tmp_path):
 
 
 def test_a_pytorch_file_named_for_a_step_beyond_int32_is_refused():
-  from diffusion_jax import convert  # pylint: disable=import-outside-toplevel
+  from diffusion_jax.tools import convert  # pylint: disable=import-outside-toplevel
   assert convert.step_from_filename("ema_0.9999_500000.pt") == 500000
   assert convert.step_from_filename("model.safetensors") == 0
   with pytest.raises(ValueError, match="names step 99999999999"):
@@ -110,3 +110,26 @@ def test_ctrl_c_while_training_compiles_exits_130_in_one_line(tmp_path):
   assert err.strip().splitlines() == [
       "Interrupted (Ctrl-C). Committed checkpoints are kept; run the same command again to "
       "resume."], err[-2000:]
+
+
+def test_a_config_imports_its_siblings_from_any_working_directory(tmp_path):
+  """configs/dit_quickstart.py imports configs/quickstart.py; the project's `configs`
+  folder is not an installed package, so only the config's own location can supply it.
+  Run from an empty directory with only the library on the path, the config loads and a
+  bad sample field is reported, rather than "No module named 'configs'"."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  library_only = tmp_path / "site"
+  library_only.mkdir()
+  (library_only / "diffusion_jax").symlink_to(os.path.join(REPO, "diffusion_jax"))
+  env = dict(os.environ, PYTHONPATH=str(library_only), JAX_PLATFORMS="cpu")
+  probe = subprocess.run([sys.executable, "-c", "import configs"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+  assert probe.returncode != 0 and "No module named 'configs'" in probe.stderr
+  run = subprocess.run(
+      [sys.executable, "-m", "diffusion_jax.main",
+       f"--config={REPO}/configs/dit_quickstart.py", f"--workdir={tmp_path / 'wd'}",
+       "--config.sample.num_samples=0"], cwd=tmp_path, env=env, capture_output=True,
+      text=True, timeout=120)
+  assert run.returncode == 2, run.stderr[-2000:]
+  assert "config.sample.num_samples=0" in run.stderr.splitlines()[0], run.stderr[-2000:]

@@ -4,10 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import objective
-from diffusion_jax import schedules
-from diffusion_jax.objective import weighting
+from diffusion_jax.core import diffusion as diffusion_lib
+from diffusion_jax.core import objective
+from diffusion_jax.core import schedules
+from diffusion_jax.core.objective import weighting
 
 
 def _diffusion(betas=None, **kwargs):

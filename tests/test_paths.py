@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from diffusion_jax import paths, reporting
+from diffusion_jax import paths
+from diffusion_jax import reporting
 
 
 def test_local_paths_are_absolute_and_urls_are_kept(tmp_path, monkeypatch):

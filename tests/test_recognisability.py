@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from configs import default
-from diffusion_jax import input_pipeline
+from diffusion_jax.configs import defaults
+from diffusion_jax.data import input_pipeline
 from diffusion_jax.evaluation import recognisability
 
 
@@ -47,7 +47,7 @@ def test_saved_classifier_gives_the_same_probabilities(fashion, tmp_path):
 
 
 def test_classifier_for_trains_once_then_loads(tmp_path, monkeypatch):
-  data = default.get_config().data
+  data = defaults.get_config().data
   data.dataset = "digits"
   first = recognisability.classifier_for(data, 10, tmp_path)
   assert (tmp_path / "classifier_digits_32px.npz").exists()
@@ -62,7 +62,7 @@ def test_classifier_for_trains_once_then_loads(tmp_path, monkeypatch):
 
 
 def test_large_images_are_refused():
-  data = default.get_config().data
+  data = defaults.get_config().data
   data.image_size = 256
   with pytest.raises(ValueError, match="eval.classifier=False"):
     recognisability.classifier_for(data, 10, "/nonexistent")

@@ -4,9 +4,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import samplers, schedules
-from tests.gaussian_data import MU, SHAPE, STD, exact_model
+from diffusion_jax.core import diffusion as diffusion_lib
+from diffusion_jax.core import schedules
+from diffusion_jax.sampling import samplers
+from tests.gaussian_data import MU
+from tests.gaussian_data import SHAPE
+from tests.gaussian_data import STD
+from tests.gaussian_data import exact_model
 from tests.gaussian_data import make_diffusion as _diffusion
 from tests.gaussian_data import run_sampler as _run
 
@@ -99,7 +103,8 @@ def test_an_interrupted_generate_keeps_its_batches_and_a_rerun_computes_only_the
     tmp_path, monkeypatch):
   """SIGTERM during --mode=sample lost every finished batch; now each is kept as it
   finishes and the rerun draws only the missing ones, ending with the same images."""
-  from diffusion_jax import config_lib, models  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import config_lib  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import models  # pylint: disable=import-outside-toplevel
   from tests import tiny_config  # pylint: disable=import-outside-toplevel
   config = tiny_config.get_config()
   model, diffusion = config_lib.build_model(config), config_lib.build_diffusion(config)
@@ -139,12 +144,13 @@ def test_an_interrupted_generate_keeps_its_batches_and_a_rerun_computes_only_the
 @pytest.mark.slow  # a tiny training, then three sampling runs (~1.5 min)
 def test_sigterm_during_sample_mode_keeps_batches_and_the_rerun_finishes_them(tmp_path):
   import os  # pylint: disable=import-outside-toplevel
-  import signal  # pylint: disable=import-outside-toplevel
   import shutil  # pylint: disable=import-outside-toplevel
+  import signal  # pylint: disable=import-outside-toplevel
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
   import time  # pylint: disable=import-outside-toplevel
-  from diffusion_jax import train  # pylint: disable=import-outside-toplevel
+
+  from diffusion_jax.training import train  # pylint: disable=import-outside-toplevel
   from tests import tiny_config  # pylint: disable=import-outside-toplevel
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   train.train_and_sample(tiny_config.get_config(), str(tmp_path / "wd"))

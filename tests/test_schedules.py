@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from diffusion_jax import schedules
+from diffusion_jax.core import schedules
 
 
 def test_linear_values_at_known_indices():

@@ -3,7 +3,9 @@ import jax
 import numpy as np
 import pytest
 
-from diffusion_jax import config_lib, samplers, solvers
+from diffusion_jax import config_lib
+from diffusion_jax.sampling import samplers
+from diffusion_jax.sampling import solvers
 from tests import tiny_config
 from tests.gaussian_data import make_diffusion as _diffusion
 from tests.gaussian_data import run_sampler as _run

@@ -3,9 +3,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import objective
-from diffusion_jax.objective import tdensity
+from diffusion_jax.core import diffusion as diffusion_lib
+from diffusion_jax.core import objective
+from diffusion_jax.core.objective import tdensity
 
 
 def test_uniform_sampler():

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_jax import convert, torch_archive
+from diffusion_jax import torch_archive
+from diffusion_jax.tools import convert
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,10 +14,16 @@ import numpy as np
 import optax
 import pytest
 
-from diffusion_jax import checkpoints, config_lib, input_pipeline, paths, reporting, train
-from diffusion_jax import state as state_lib
+from diffusion_jax import checkpoints
+from diffusion_jax import config_lib
+from diffusion_jax import paths
+from diffusion_jax import reporting
 from diffusion_jax import run as run_lib
-from tests import process_kill, tiny_config
+from diffusion_jax import state as state_lib
+from diffusion_jax.data import input_pipeline
+from diffusion_jax.training import train
+from tests import process_kill
+from tests import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -271,7 +277,9 @@ def test_optimizer_without_a_schedule_is_refused_with_the_fix():
 def test_eight_devices_equal_one_device():
   script = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
-    from diffusion_jax import config_lib, input_pipeline, train
+    from diffusion_jax import config_lib
+    from diffusion_jax.data import input_pipeline
+    from diffusion_jax.training import train
     from diffusion_jax import state as state_lib
     from tests import tiny_config
     config = tiny_config.get_config()
@@ -304,7 +312,7 @@ def test_eight_devices_equal_one_device():
     print("max parameter difference relative to the largest update", err)
     assert err < 1e-4, err
     # Sampling gives the same images on 1 and on 8 devices.
-    from diffusion_jax import samplers
+    from diffusion_jax.sampling import samplers
     from jax.sharding import Mesh
     config.sample.update(num_samples=8, batch_size=8, steps=4, sampler="ddim")
     imgs = [samplers.generate(model, diffusion, out[0][0], config.sample, "", class_cond=False,

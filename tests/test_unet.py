@@ -7,9 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import convert
-from diffusion_jax.models import create_model, init_params, unet
 from diffusion_jax import run as run_lib
+from diffusion_jax.models import create_model
+from diffusion_jax.models import init_params
+from diffusion_jax.models import layers
+from diffusion_jax.models import unet
+from diffusion_jax.tools import convert
 
 PAPER_ROWS = [  # (image_size, num_channels, num_head_channels, parameters)
     (256, 128, 64, 93_563_910),
@@ -66,7 +69,7 @@ def test_timestep_embedding_against_numpy():
     want = np.concatenate([np.cos(t[:, None] * f), np.sin(t[:, None] * f)], 1)
     if dim % 2:
       want = np.concatenate([want, np.zeros((4, 1))], 1)
-    np.testing.assert_allclose(unet.timestep_embedding(jnp.asarray(t), dim), want,
+    np.testing.assert_allclose(layers.timestep_embedding(jnp.asarray(t), dim), want,
                                atol=2e-4)  # float32 arguments up to 1e3 rad
 
 
@@ -143,7 +146,7 @@ def _np_attention(qkv_nct, heads, new_order):
 def test_attention_against_numpy(new_order):
   rng = np.random.default_rng(1)
   qkv = rng.normal(size=(2, 7, 3 * 4 * 8)).astype(np.float32)  # (B, T, 3·H·C)
-  got = unet.qkv_attention(jnp.asarray(qkv), 4, new_order)
+  got = layers.qkv_attention(jnp.asarray(qkv), 4, new_order)
   want = _np_attention(qkv.transpose(0, 2, 1).astype(np.float64), 4, new_order)
   np.testing.assert_allclose(got, want.transpose(0, 2, 1), rtol=1e-5, atol=1e-6)
 
@@ -172,7 +175,7 @@ def test_attention_gradients_match_torch(new_order):
   qkv = rng.normal(0.0, 3.0, size=(2, 24, 3 * 4 * 8)).astype(np.float32)  # (B, T, 3·H·C)
   g = rng.normal(size=(2, 24, 4 * 8)).astype(np.float32)
   out, grad = jax.value_and_grad(
-      lambda a: jnp.sum(unet.qkv_attention(a, 4, new_order) * g))(jnp.asarray(qkv))
+      lambda a: jnp.sum(layers.qkv_attention(a, 4, new_order) * g))(jnp.asarray(qkv))
   tq = torch.tensor(qkv.transpose(0, 2, 1), dtype=torch.float64, requires_grad=True)
   t_out = (_torch_attention(tq, 4, new_order)
            * torch.tensor(g.transpose(0, 2, 1), dtype=torch.float64)).sum()
@@ -185,8 +188,8 @@ def test_attention_in_bfloat16_keeps_dtypes_and_stays_close():
   """bf16 q, k, v: outputs and cotangents stay bf16 and near the float32 result."""
   rng = np.random.default_rng(3)
   q, k, v = (jnp.asarray(rng.normal(size=(2, 4, 16, 8)).astype(np.float32)) for _ in range(3))
-  loss = lambda *a: jnp.sum(unet.softmax_attention(*a).astype(jnp.float32) ** 2)
-  out16 = unet.softmax_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)))
+  loss = lambda *a: jnp.sum(layers.softmax_attention(*a).astype(jnp.float32) ** 2)
+  out16 = layers.softmax_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)))
   grads16 = jax.grad(loss, argnums=(0, 1, 2))(*(a.astype(jnp.bfloat16) for a in (q, k, v)))
   grads32 = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
   assert out16.dtype == jnp.bfloat16
@@ -428,6 +431,7 @@ def test_remat_gives_the_same_gradients():
 def test_convert_cli_writes_a_loadable_checkpoint_and_never_overwrites(tmp_path):
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
+
   from diffusion_jax import config_lib  # pylint: disable=import-outside-toplevel
   from tests import tiny_config  # pylint: disable=import-outside-toplevel
   config = tiny_config.get_config()
@@ -451,6 +455,7 @@ def test_convert_cli_writes_a_loadable_checkpoint_and_never_overwrites(tmp_path)
 def test_pt_files_are_read_without_torch(tmp_path, monkeypatch):
   """torch.save'd state_dicts load through the restricted unpickler, torch not imported."""
   import builtins  # pylint: disable=import-outside-toplevel
+
   import torch  # pylint: disable=import-outside-toplevel  (test-only: writes the file)
   model = create_model(**TINY)
   sd = convert.flax_to_torch(init_params(model, jax.random.PRNGKey(4)), model)

@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import schedules
-from diffusion_jax.objective import weighting
+from diffusion_jax.core import schedules
+from diffusion_jax.core.objective import weighting
 
 SNR = np.logspace(-5, 5, 41)
 

@@ -10,8 +10,10 @@ import time
 
 import pytest
 
-from diffusion_jax import paths, workdir_lock
-from diffusion_jax.workdir_lock import WorkdirLock, WorkdirLockedError
+from diffusion_jax import paths
+from diffusion_jax.training import workdir_lock
+from diffusion_jax.training.workdir_lock import WorkdirLock
+from diffusion_jax.training.workdir_lock import WorkdirLockedError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,8 +94,8 @@ def test_a_second_trainer_is_refused_and_the_first_runs_on(tmp_path):
 # stale lock, three times; prints the number of winners of each race.
 _RACE = """
 import json, multiprocessing, os, random, socket, subprocess, sys, time
-from diffusion_jax import workdir_lock
-from diffusion_jax.workdir_lock import WorkdirLock, WorkdirLockedError
+from diffusion_jax.training import workdir_lock
+from diffusion_jax.training.workdir_lock import WorkdirLock, WorkdirLockedError
 
 
 def contend(workdir, start, attempted, results):

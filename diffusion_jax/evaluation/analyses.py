@@ -18,7 +18,8 @@ from diffusion_jax import reporting
 from diffusion_jax import run as run_lib
 from diffusion_jax.evaluation import analysis
 from diffusion_jax.evaluation import plots
-from diffusion_jax.evaluation.registry import Analysis, register
+from diffusion_jax.evaluation.registry import Analysis
+from diffusion_jax.evaluation.registry import register
 
 _ints, _names = config_lib.int_list, config_lib.name_list
 

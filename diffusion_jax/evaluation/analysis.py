@@ -20,6 +20,7 @@ import numpy as np
 from diffusion_jax import models
 from diffusion_jax import paths
 
+
 def write_json(obj, path) -> str:
   text = json.dumps(obj, indent=1, default=lambda o: np.asarray(o).tolist())
   return os.fspath(paths.write_text(path, text))

@@ -15,12 +15,12 @@ from tqdm.auto import tqdm
 
 from diffusion_jax import checkpoints
 from diffusion_jax import config_lib
-from diffusion_jax import objective as objective_lib
 from diffusion_jax import paths
 from diffusion_jax import run as run_lib
-from diffusion_jax import train
+from diffusion_jax.core import objective as objective_lib
 from diffusion_jax.evaluation import analysis
 from diffusion_jax.evaluation import evaluate
+from diffusion_jax.training import train
 
 
 def validate_compare_config(config) -> None:

@@ -25,17 +25,17 @@ from tqdm.auto import tqdm
 from diffusion_jax import checkpoints
 from diffusion_jax import config_lib
 from diffusion_jax import distributed
-from diffusion_jax import input_pipeline
 from diffusion_jax import models
 from diffusion_jax import paths
 from diffusion_jax import reporting
 from diffusion_jax import run as run_lib
-from diffusion_jax import samplers
+from diffusion_jax.data import input_pipeline
 from diffusion_jax.evaluation import analyses  # noqa: F401  (registers the built-in analyses)
 from diffusion_jax.evaluation import analysis
 from diffusion_jax.evaluation import inception as inception_lib
 from diffusion_jax.evaluation import metrics
 from diffusion_jax.evaluation import registry
+from diffusion_jax.sampling import samplers
 
 
 def validate_eval_config(config) -> None:

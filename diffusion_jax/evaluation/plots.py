@@ -9,7 +9,7 @@ import numpy as np
 
 from diffusion_jax import paths
 from diffusion_jax import reporting
-from diffusion_jax.objective import weighting as weighting_lib
+from diffusion_jax.core.objective import weighting as weighting_lib
 
 
 def _pyplot():

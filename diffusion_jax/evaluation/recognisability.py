@@ -21,17 +21,17 @@ from __future__ import annotations
 import json
 import os
 
+from etils import epath
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from etils import epath
 from tqdm.auto import tqdm
 
-from diffusion_jax import input_pipeline
 from diffusion_jax import paths
+from diffusion_jax.data import input_pipeline
 
 THRESHOLD = 0.8
 MAX_IMAGE_SIZE = 64

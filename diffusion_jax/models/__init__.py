@@ -24,7 +24,9 @@ from typing import Callable
 
 import jax
 
-from diffusion_jax.models.unet import ATTENTION_IMPLS, UNetModel, parse_channel_mult
+from diffusion_jax.models.layers import ATTENTION_IMPLS
+from diffusion_jax.models.unet import UNetModel
+from diffusion_jax.models.unet import parse_channel_mult
 
 DEFAULT_ARCHITECTURE = "adm_unet"
 COMMON_FIELDS = ("image_size", "in_channels", "learn_sigma", "class_cond", "num_classes")

@@ -9,7 +9,7 @@ zeroed modulation and output layers), so a fresh DiT predicts 0.
 
 Submodules are named by their PyTorch module paths ("blocks.3.attn.qkv"), so a Flax
 parameter path joined with "." is the official state_dict key minus the leaf name
-(`diffusion_jax.convert`). The position embedding is a constant here, not a parameter;
+(`diffusion_jax.tools.convert`). The position embedding is a constant here, not a parameter;
 the official state_dict stores it as `pos_embed`, which conversion checks and recreates.
 
 Differences from the official module, all optional extensions: `num_classes=None` builds
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.models import unet
+from diffusion_jax.models import layers
 
 ARCHITECTURE_NAME = "dit"
 Dtype = Any
@@ -186,7 +186,7 @@ class DiT(nn.Module):
                 name="x_embedder.proj")(x.astype(self.dtype))
     h = h.reshape(b, grid * grid, d).astype(jnp.float32) + sincos_pos_embed(d, grid)[None]
 
-    c = unet.timestep_embedding(t, FREQUENCY_EMBEDDING_SIZE)
+    c = layers.timestep_embedding(t, FREQUENCY_EMBEDDING_SIZE)
     c = _dense(d, "t_embedder.mlp.0", jnp.float32, std=0.02)(c)
     c = _dense(d, "t_embedder.mlp.2", jnp.float32, std=0.02)(nn.silu(c))
     if self.num_classes is not None:
@@ -230,9 +230,9 @@ def create(input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
     problems.append("sizes, depth, heads and mlp_ratio must be positive")
   if dtype not in _DTYPES:
     problems.append(f"dtype={dtype!r} is not one of {list(_DTYPES)}")
-  if attention_impl not in unet.ATTENTION_IMPLS:
+  if attention_impl not in layers.ATTENTION_IMPLS:
     problems.append(f"attention_impl={attention_impl!r} is not one of "
-                    f"{list(unet.ATTENTION_IMPLS)}")
+                    f"{list(layers.ATTENTION_IMPLS)}")
   if problems:
     raise ValueError("DiT: " + "; ".join(problems) + ".")
   return DiT(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
@@ -261,7 +261,7 @@ def init_params(model: DiT, key, batch_size: int = 1):
   return jax.jit(model.init)({"params": key, "dropout": key}, x, t, y)["params"]
 
 
-# --- the official state_dict's conventions (used by diffusion_jax.convert) ---
+# --- the official state_dict's conventions (used by diffusion_jax.tools.convert) ---
 
 TORCH_CONV1D = ()  # every linear layer is nn.Linear
 

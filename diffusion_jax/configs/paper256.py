@@ -6,11 +6,11 @@ with T=1000; AdamW lr 2e-5, weight decay 0; batch 8; EMA 0.9999; 500k steps.
 """
 import ml_collections
 
-from configs import default
+from diffusion_jax.configs import defaults
 
 
 def paper_256(dataset_dir: str, weighting: str) -> "ml_collections.ConfigDict":
-  c = default.get_config()
+  c = defaults.get_config()
   c.model.update(image_size=256, in_channels=3, num_channels=128, num_res_blocks=1,
                  channel_mult="", attention_resolutions="16", num_head_channels=64,
                  resblock_updown=True, use_scale_shift_norm=True, learn_sigma=True,

@@ -16,8 +16,8 @@ import hashlib
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax import solvers
-from diffusion_jax.diffusion import GaussianDiffusion
+from diffusion_jax.core.diffusion import GaussianDiffusion
+from diffusion_jax.sampling import solvers
 
 SAMPLERS = ("ddpm", "ddim") + solvers.SOLVERS
 SOLVER_DEFAULTS = {"order": 2, "skip_type": "logSNR"}
@@ -137,9 +137,12 @@ def generate(model, diffusion, params, sample_config, out_dir: str, *, class_con
   (the same images: batch b's noise depends only on b). The folder is removed once the
   outputs are written.
   """
+  from jax.sharding import Mesh  # pylint: disable=import-outside-toplevel
+  from jax.sharding import NamedSharding  # pylint: disable=import-outside-toplevel
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+
   from diffusion_jax import distributed  # pylint: disable=import-outside-toplevel
   from diffusion_jax import paths  # pylint: disable=import-outside-toplevel
   from diffusion_jax import reporting  # pylint: disable=import-outside-toplevel

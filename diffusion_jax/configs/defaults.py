@@ -8,7 +8,7 @@ and override any field on the command line, e.g. `--config.diffusion.weighting=p
 import ml_collections
 
 from diffusion_jax import models
-from diffusion_jax.objective import tdensity
+from diffusion_jax.core.objective import tdensity
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -25,9 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
       target="eps",                # eps | x0 | v
       var_type="learned_range",    # fixed_small | fixed_large | learned_range
       loss_type="rescaled_mse",    # mse | rescaled_mse (hybrid) | kl | rescaled_kl
-      weighting="debias",          # see diffusion_jax.objective.available()
+      weighting="debias",          # see diffusion_jax.core.objective.available()
       # uniform | loss-second-moment | importance | logit_normal | laplace_logsnr
-      # (diffusion_jax/objective/tdensity.py: each keeps the uniform-t objective unless
+      # (diffusion_jax/core/objective/tdensity.py: each keeps the uniform-t objective unless
       # weighting_params.density_is_weight)
       timestep_sampler="uniform",
   ))

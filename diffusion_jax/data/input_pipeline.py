@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import gzip
 import os
-from typing import Iterator, Sequence
+from typing import Iterator
+from typing import Sequence
 
 import grain
 import jax
 import numpy as np
 from PIL import Image
 
-from diffusion_jax import image_folder
-from diffusion_jax import photo_patches
+from diffusion_jax.data import image_folder
+from diffusion_jax.data import photo_patches
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 DATASETS = ("fashion_mnist", "digits", "photo_patches", "folder", "tfds:NAME")

@@ -1,6 +1,6 @@
 """Benchmark: compile time, train-step and sampler-step throughput, memory, MFU.
 
-  python -m diffusion_jax.bench --config=configs/bench_cpu_small.py --json=bench.json
+  python -m diffusion_jax.tools.bench --config=configs/bench_cpu_small.py --json=bench.json
 
 Times the compiled train step (forward, backward, AdamW, EMA) on a synthetic batch of
 config.data.batch_size, and one DDIM sampler step on the same batch, each as the
@@ -10,7 +10,7 @@ own peak where it reports one (GPUs, TPUs). FLOPs come from XLA's cost analysis 
 step before partitioning (the same count on every backend);
 MFU is reported where the device's peak is known (GPUs and TPUs).
 
-  python -m diffusion_jax.bench --config=configs/bench_cpu_small.py --baseline
+  python -m diffusion_jax.tools.bench --config=configs/bench_cpu_small.py --baseline
 
 runs this benchmark and the paper's official PyTorch step (../shared/baseline/
 run_ref_step.sh, case --baseline_case) alternately, --baseline_runs separate processes of
@@ -28,19 +28,19 @@ import sys
 import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app
 from absl import flags
+import jax
+import jax.numpy as jnp
 from ml_collections import config_flags
+import numpy as np
 
-from diffusion_jax import allocator
 from diffusion_jax import config_lib
 from diffusion_jax import distributed
 from diffusion_jax import models
-from diffusion_jax import train
 from diffusion_jax import state as state_lib
+from diffusion_jax.tools import allocator
+from diffusion_jax.training import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config to benchmark.", lock_config=True)
@@ -58,7 +58,7 @@ flags.DEFINE_string("baseline_case", "", "The official runner's case: small32 "
                     "config's.")
 flags.DEFINE_integer("baseline_runs", 3, "Processes of each side, alternating.")
 flags.DEFINE_string("baseline_cmd", os.path.normpath(os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "baseline",
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "baseline",
     "run_ref_step.sh")), "The official step's runner beside the checkout (prints one JSON "
                     "line with images_per_s).")
 
@@ -126,7 +126,7 @@ def benchmark(config, runs: int = 10, warmup: int = 2) -> dict:
 
   @jax.jit
   def sample_step(params, x):
-    from diffusion_jax import samplers  # pylint: disable=import-outside-toplevel
+    from diffusion_jax.sampling import samplers  # pylint: disable=import-outside-toplevel
     fn = models.bind(model, params, labels)
     t = jnp.full((x.shape[0],), spaced.num_timesteps // 2, jnp.int32)
     return samplers.ddim_sample(spaced, fn, x, t, jax.random.PRNGKey(0))["sample"]
@@ -170,7 +170,7 @@ def side_by_side(ours_cmd: list[str], baseline_cmd: list[str], runs: int) -> dic
   """Alternates `runs` processes of each command (ours first) and returns both sides'
   train images/s per run, their medians and the ratio ours ÷ official.
 
-  ours_cmd must accept `--json=FILE` (diffusion_jax.bench); baseline_cmd prints a JSON
+  ours_cmd must accept `--json=FILE` (diffusion_jax.tools.bench); baseline_cmd prints a JSON
   line with "images_per_s" last (../shared/baseline/run_ref_step.sh). The baseline runs
   in the environment its own users have: without the tcmalloc that our entry points
   preload (`allocator.environment_for_other_programs`).
@@ -226,7 +226,7 @@ def _side_by_side_main(argv) -> None:
                          "the official code's runner (../shared/baseline/run_ref_step.sh).")
   dropped = ("--baseline", "--json")
   own = [a for a in argv[1:] if not a.startswith(dropped) and a != "--nobaseline"]
-  ours_cmd = [sys.executable, "-m", "diffusion_jax.bench"] + own
+  ours_cmd = [sys.executable, "-m", "diffusion_jax.tools.bench"] + own
   case = baseline_case_for(FLAGS.config, FLAGS.baseline_case)
   result = side_by_side(ours_cmd, [FLAGS.baseline_cmd, case], FLAGS.baseline_runs)
   result["case"] = case

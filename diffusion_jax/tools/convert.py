@@ -18,14 +18,14 @@ import json
 import os
 import re
 import struct
+from typing import Mapping
 import zipfile
 import zlib
-from typing import Mapping
 
+from flax import traverse_util
 import jax
 import ml_dtypes
 import numpy as np
-from flax import traverse_util
 
 from diffusion_jax import models
 from diffusion_jax import paths
@@ -283,7 +283,8 @@ def convert_checkpoint(path: str, config, workdir: str) -> int:
   states start fresh, so the workdir can be sampled, evaluated or fine-tuned. Refuses
   a workdir that already has checkpoints. Returns the step it was saved at.
   """
-  from diffusion_jax import checkpoints, config_lib  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import config_lib  # pylint: disable=import-outside-toplevel
   from diffusion_jax import state as state_lib  # pylint: disable=import-outside-toplevel
   config_lib.validate_config(config)
   if checkpoints.checkpoint_steps(workdir):

@@ -27,14 +27,15 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.objective import tdensity as tdensity_lib
-from diffusion_jax.objective import weighting as weighting_lib
+from diffusion_jax.core.objective import tdensity as tdensity_lib
+from diffusion_jax.core.objective import weighting as weighting_lib
 
 _TERMS: dict[str, type] = {}
 

@@ -12,24 +12,24 @@ import signal
 import sys
 import time
 
+from absl import logging
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
-from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from diffusion_jax import checkpoints
 from diffusion_jax import config_lib
-from diffusion_jax import input_pipeline
 from diffusion_jax import models
 from diffusion_jax import paths
 from diffusion_jax import reporting
-from diffusion_jax import samplers
 from diffusion_jax import state as state_lib
-from diffusion_jax import workdir_lock
+from diffusion_jax.data import input_pipeline
+from diffusion_jax.sampling import samplers
+from diffusion_jax.training import workdir_lock
 
 
 class NonFiniteLossError(RuntimeError):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from diffusion_jax import objective
+from diffusion_jax.core import objective
 
 NUM_FREQUENCIES = 16
 HIDDEN = 32

@@ -7,7 +7,8 @@ runs over 0..T-1, where t=0 is the first (least noisy) diffusion step.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable
+from typing import Sequence
 
 import numpy as np
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 import ctypes.util
 import os
 import sys
-from typing import Callable, Mapping, Sequence
+from typing import Callable
+from typing import Mapping
+from typing import Sequence
 
 ENV = "DIFFUSION_JAX_ALLOCATOR"
 LIBRARIES = ("tcmalloc_minimal", "tcmalloc")  # as ctypes.util.find_library names them

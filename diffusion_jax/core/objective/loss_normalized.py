@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import objective
+from diffusion_jax.core import objective
 
 NUM_BINS = 48
 LOG_SNR_LIMIT = 12.0
