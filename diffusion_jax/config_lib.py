@@ -18,6 +18,7 @@ from diffusion_jax import models
 from diffusion_jax.core import diffusion as diffusion_lib
 from diffusion_jax.core import objective as objective_lib
 from diffusion_jax.data import input_pipeline
+from diffusion_jax.sampling import samplers
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("einsum", "fused")
@@ -74,30 +75,18 @@ def _ema_choice(value, field: str) -> None:
 
 def validate_sample_fields(config) -> None:
   """config.sample, checked before training so a bad sampler cannot lose a run's end."""
-  from diffusion_jax.sampling import samplers  # pylint: disable=import-outside-toplevel
   s = config.sample
-  _require(s.sampler in samplers.SAMPLERS, "sample.sampler", s.sampler,
-           f"choose one of {list(samplers.SAMPLERS)}")
-  for name in ("steps", "num_samples", "batch_size"):
+  samplers.SamplerOptions.from_config(s).check("sample")
+  for name in ("num_samples", "batch_size"):
     _require(isinstance(s[name], int) and s[name] >= 1, f"sample.{name}", s[name],
              "must be a positive integer")
-  _require(math.isfinite(s.eta) and s.eta >= 0, "sample.eta", s.eta, "must be ≥ 0")
-  _require(isinstance(s.thresholding, bool), "sample.thresholding", s.thresholding,
-           "must be True or False")
-  samplers.solver_options(s.sampler, s.order, s.skip_type, s.thresholding)
-  if s.sampler not in samplers.solvers.SOLVERS:
-    for name, default in samplers.SOLVER_DEFAULTS.items():
-      _require(s[name] == default, f"sample.{name}", s[name],
-               f"applies to the solvers {list(samplers.solvers.SOLVERS)}, not to "
-               f"sampler={s.sampler!r}; leave it at {default!r}")
   _ema_choice(s.ema_rate, "sample.ema_rate")
 
 
 def validate_eval_fields(config) -> None:
   """config.eval (the paths are checked when evaluation starts)."""
-  from diffusion_jax.sampling import samplers  # pylint: disable=import-outside-toplevel
   e = config.eval
-  int_list(e.steps, "eval.steps")
+  steps = int_list(e.steps, "eval.steps")
   int_list(e.colour_steps, "eval.colour_steps")
   _require(bool(name_list(e.samplers)), "eval.samplers", e.samplers,
            "name at least one sampler, e.g. 'ddim'")
@@ -105,11 +94,12 @@ def validate_eval_fields(config) -> None:
   # evaluate or compare starts, before any work.
   _require(bool(name_list(e.analyses)), "eval.analyses", e.analyses,
            "name at least one analysis, e.g. 'fid_vs_steps'")
+  options = samplers.SamplerOptions.from_config(config.sample)
   for sampler in name_list(e.samplers) + [e.colour_sampler]:
     _require(sampler in samplers.SAMPLERS, "eval.samplers/colour_sampler", sampler,
              f"choose from {list(samplers.SAMPLERS)}")
-    s = config.sample  # evaluation samples with config.sample's solver settings
-    samplers.solver_options(sampler, s.order, s.skip_type, s.thresholding)
+    # Evaluation samples with config.sample's solver settings (evaluation.evaluate).
+    options.with_sampler(sampler, steps[0]).check("sample")
   for name in ("num_samples", "num_reference", "colour_num_samples", "x0_num_examples",
                "batch_size", "x0_buckets", "train_curve_steps"):
     _require(isinstance(e[name], int) and e[name] >= 1, f"eval.{name}", e[name],

@@ -37,7 +37,8 @@ def test_other_programs_get_the_environment_without_our_preload():
 
 
 def _child(env_extra):
-  code = ("import os\nfrom diffusion_jax import allocator\nallocator.use_tcmalloc()\n"
+  code = ("import os\nfrom diffusion_jax.tools import allocator\n"
+          "allocator.use_tcmalloc()\n"
           f"print(allocator.in_use(), os.environ.get({allocator.ENV!r}))")
   env = {k: v for k, v in os.environ.items() if k not in (allocator.ENV, "LD_PRELOAD")}
   done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -18,7 +18,7 @@ CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, 
 
 
 def test_all_configs_are_listed():
-  assert {"default", "quickstart", "celebahq256", "ffhq256", "afhq_dog256", "metfaces256",
+  assert {"quickstart", "api_tour", "dit_quickstart", "celebahq256", "ffhq256", "afhq_dog256", "metfaces256",
           "cifar10", "imagenet256", "bench_cpu_small"} <= set(CONFIGS)
 
 

@@ -17,6 +17,7 @@ from diffusion_jax.evaluation import compare
 from diffusion_jax.evaluation import evaluate
 from diffusion_jax.evaluation import plots
 from diffusion_jax.evaluation import registry
+from diffusion_jax.sampling import samplers
 from diffusion_jax.training import train
 from tests import tiny_config
 
@@ -258,11 +259,10 @@ def test_sample_images_uses_the_solver_settings():
   params = jax.tree_util.tree_map(lambda a: a + 0.05 * jax.random.normal(
       jax.random.PRNGKey(a.size), a.shape), params)
   r = run_lib.Run(label="x", workdir="", config=config, params=params, train_step=0)
-  one, three = (evaluate.sample_images(r, "unipc", 4, 2, 2, 0, dict(order=o, skip_type="logSNR",
-                                                                   thresholding=False))
-                for o in (1, 3))
+  one, three = (evaluate.sample_images(
+      r, samplers.SamplerOptions(sampler="unipc", steps=4, order=o), 2, 2, 0) for o in (1, 3))
   assert one.shape == (2, 32, 32, 1) and np.abs(one.astype(int) - three.astype(int)).max() > 0
-  default = evaluate.sample_images(r, "ddim", 2, 2, 2, 0)
+  default = evaluate.sample_images(r, samplers.SamplerOptions(steps=2), 2, 2, 0)
   assert default.dtype == np.uint8
 
 

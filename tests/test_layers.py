@@ -14,6 +14,7 @@ LAYERS = (
     ("data",),
     ("evaluation.inception", "evaluation.metrics", "evaluation.recognisability"),
     ("sampling",),
+    ("configs",),
     ("config_lib", "state", "checkpoints"),
     ("run",),
     ("training",),

@@ -99,6 +99,35 @@ def test_bad_sampler_arguments():
     samplers.sample(diff, exact_model(diff), SHAPE, jax.random.PRNGKey(0), steps=0)
 
 
+def test_sampler_options_are_the_config_fields_and_reach_sample():
+  """config.sample's sampling fields are SamplerOptions' (one list), a bad one names its
+  field, and kwargs() draws the same samples as the keywords written out."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+
+  from diffusion_jax.configs import defaults  # pylint: disable=import-outside-toplevel
+  names = [f.name for f in dataclasses.fields(samplers.SamplerOptions)]
+  sample_config = defaults.get_config().sample
+  assert set(names) <= set(sample_config.keys())
+  assert samplers.SamplerOptions.from_config(sample_config) == samplers.SamplerOptions()
+  for bad, message in [(dict(sampler="ddim", order=3), "config.sample.order=3: applies to"),
+                       (dict(sampler="unipc", order=4), "UniPC takes order 1, 2 or 3"),
+                       (dict(skip_type="uniform"), "config.sample.skip_type='uniform'"),
+                       (dict(steps=0), "config.sample.steps=0"),
+                       (dict(eta=-1.0), "config.sample.eta=-1.0")]:
+    with pytest.raises(ValueError, match=message):
+      samplers.SamplerOptions(**bad).check()
+  unipc = samplers.SamplerOptions(sampler="unipc", steps=5, order=3).check()
+  assert unipc.with_sampler("ddim", 7) == samplers.SamplerOptions(sampler="ddim", steps=7)
+  diff, key = _diffusion(), jax.random.PRNGKey(3)
+  got = samplers.sample(diff, exact_model(diff), SHAPE, key, **unipc.kwargs())
+  want = samplers.sample(diff, exact_model(diff), SHAPE, key, sampler="unipc", steps=5,
+                         order=3)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  other = samplers.sample(diff, exact_model(diff), SHAPE, key, sampler="unipc", steps=5,
+                          order=1)
+  assert np.abs(np.asarray(got) - np.asarray(other)).max() > 0
+
+
 def test_an_interrupted_generate_keeps_its_batches_and_a_rerun_computes_only_the_rest(
     tmp_path, monkeypatch):
   """SIGTERM during --mode=sample lost every finished batch; now each is kept as it

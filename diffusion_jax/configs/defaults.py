@@ -5,10 +5,13 @@ Run any config with
 and override any field on the command line, e.g. `--config.diffusion.weighting=p2
 --config.diffusion.weighting_params.gamma=0.5`. Unknown fields are an error.
 """
+import dataclasses
+
 import ml_collections
 
 from diffusion_jax import models
 from diffusion_jax.core.objective import tdensity
+from diffusion_jax.sampling import samplers
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -96,16 +99,13 @@ def get_config() -> ml_collections.ConfigDict:
                                    # "none" = off (gs:// allowed)
   ))
 
+  # How samples are drawn: the fields of sampling.samplers.SamplerOptions (sampler, steps,
+  # eta, clip_denoised, thresholding, order, skip_type; its docstring says what each
+  # does), then how many, from which EMA, and what is written.
   c.sample = ml_collections.ConfigDict(dict(
-      sampler="ddim",              # ddpm | ddim | dpm_solver++ | unipc
-      steps=50,
-      eta=0.0,
+      **dataclasses.asdict(samplers.SamplerOptions()),
       num_samples=64,
       batch_size=64,
-      clip_denoised=True,
-      thresholding=False,          # dynamic thresholding of x̂0 instead of clipping
-      order=2,                     # solvers: unipc 1–3; dpm_solver++ is 2nd order (2)
-      skip_type="logSNR",          # solvers' time grid: logSNR | time_uniform
       ema_rate=-1.0,               # which EMA to sample (-1: the first)
       seed=0,
       save_npz=True,

@@ -12,6 +12,7 @@ config.eval.num_reference training images (cached under the workdir).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -95,17 +96,16 @@ def reference_statistics(config, inception, cache_dir: str, *, cached: bool | No
   return ref
 
 
-def sample_images(run: run_lib.Run, sampler: str, steps: int, num: int, batch_size: int,
-                  seed: int, solver_settings=None) -> np.ndarray:
-  """uint8 samples of `run`; the same seed gives every run the same starting noise.
-  solver_settings: order, skip_type and thresholding (default: config.sample's defaults)."""
+def sample_images(run: run_lib.Run, options: samplers.SamplerOptions, num: int,
+                  batch_size: int, seed: int) -> np.ndarray:
+  """`num` uint8 samples of `run` drawn as `options` says; the same seed gives every run
+  the same starting noise."""
   m = run.config.model
   n_dev = jax.device_count()
   batch = max(n_dev, min(batch_size, num) // n_dev * n_dev)
   sample_config = ml_collections.ConfigDict(dict(
-      sampler=sampler, steps=steps, eta=0.0, num_samples=num, batch_size=batch,
-      clip_denoised=True, seed=seed, save_npz=False, save_individual=False,
-      **{**samplers.SOLVER_DEFAULTS, "thresholding": False, **(solver_settings or {})}))
+      dataclasses.asdict(options), num_samples=num, batch_size=batch, seed=seed,
+      save_npz=False, save_individual=False))
   return samplers.generate(run.model, run.diffusion, run.params, sample_config, "",
                            class_cond=m.class_cond, num_classes=m.num_classes,
                            image_shape=(m.image_size, m.image_size, m.in_channels),
@@ -236,7 +236,9 @@ class Context:
     self.primary = jax.process_index() == 0
     self.key = jax.random.PRNGKey(self.e.seed)
     self.model_title = _model_title(runs)
-    self.solver_settings = {k: config.sample[k] for k in ("order", "skip_type", "thresholding")}
+    # Deterministic and clipped, with config.sample's solver settings.
+    self.sampling = dataclasses.replace(samplers.SamplerOptions.from_config(config.sample),
+                                        eta=0.0, clip_denoised=True)
     # Whether the caches exist is read by every process before process 0 writes any.
     self._classifier_cached = self.e.classifier and paths.exists(
         recognisability.cache_path(runs[0].config.data, cache_dir))
@@ -280,7 +282,9 @@ class Context:
   def settings(self, r: run_lib.Run, **more) -> dict:
     """What a piece of run `r` depends on: reused only when all of it is equal."""
     return {"workdir": r.workdir, "train_step": r.train_step, "ema_rate": self.e.ema_rate,
-            "seed": self.e.seed, **self.solver_settings, **more}
+            "seed": self.e.seed, "order": self.sampling.order,
+            "skip_type": self.sampling.skip_type, "thresholding": self.sampling.thresholding,
+            **more}
 
   def piece(self, name: str, settings: dict, compute):
     """(value, arrays) of piece `name`: reused when saved with equal settings, else
@@ -299,8 +303,8 @@ class Context:
     return data_images(self.runs[0].config.data, num, seed, split)
 
   def sample(self, r: run_lib.Run, sampler: str, steps: int, num: int) -> np.ndarray:
-    return sample_images(r, sampler, steps, num, self.e.batch_size, self.e.seed,
-                         self.solver_settings)
+    return sample_images(r, self.sampling.with_sampler(sampler, steps), num,
+                         self.e.batch_size, self.e.seed)
 
   def quality(self, r: run_lib.Run, sampler: str, steps: int) -> dict:
     """FID, sFID, precision/recall, static fraction (and recognisability) of

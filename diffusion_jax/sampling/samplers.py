@@ -10,8 +10,10 @@ step from `fold_in(key, step)`, so results do not depend on the device count.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import math
 
 import jax
 import jax.numpy as jnp
@@ -20,28 +22,80 @@ from diffusion_jax.core.diffusion import GaussianDiffusion
 from diffusion_jax.sampling import solvers
 
 SAMPLERS = ("ddpm", "ddim") + solvers.SOLVERS
-SOLVER_DEFAULTS = {"order": 2, "skip_type": "logSNR"}
 
 
-def solver_options(sampler: str, order: int = 2, skip_type: str = "logSNR",
-                   thresholding: bool = False, field: str = "sample") -> dict:
-  """`sample()`'s keyword arguments for `sampler` from config.sample's order, skip_type
-  and thresholding. order and skip_type reach the solvers only (ddpm and ddim ignore
-  them); a value that `sampler` cannot use is a ValueError naming `field`.order/skip_type.
+@dataclasses.dataclass(frozen=True)
+class SamplerOptions:
+  """How a sample is drawn: the one list of sampler options. config.sample holds these
+  fields (with how many samples and where), `sample()` takes them as keyword arguments
+  (`kwargs()`), and evaluation's reuse keys are made of them.
+
+  sampler: "ddpm", "ddim", "dpm_solver++" or "unipc". steps: network evaluations.
+  eta: DDIM's noise scale (0: deterministic). clip_denoised: clip x̂0 to [−1, 1] at every
+  step. thresholding: dynamic thresholding of x̂0 instead of clipping. order and
+  skip_type: the solvers' order (UniPC 1–3, DPM-Solver++ 2) and time grid ("logSNR" or
+  "time_uniform"); ddpm and ddim leave them at their defaults.
   """
-  if skip_type not in solvers.SKIP_TYPES:
-    raise ValueError(f"config.{field}.skip_type={skip_type!r}: choose one of "
-                     f"{list(solvers.SKIP_TYPES)}.")
-  if sampler == "unipc" and order not in (1, 2, 3):
-    raise ValueError(f"config.{field}.order={order!r}: UniPC takes order 1, 2 or 3.")
-  if sampler == "dpm_solver++" and order != 2:
-    raise ValueError(f"config.{field}.order={order!r}: DPM-Solver++ here is the "
-                     "second-order multistep solver (2M); set order=2, or use "
-                     "sampler=unipc for orders 1–3.")
-  options = {"thresholding": bool(thresholding)}
-  if sampler in solvers.SOLVERS:
-    options.update(order=int(order), skip_type=skip_type)
-  return options
+  sampler: str = "ddim"
+  steps: int = 50
+  eta: float = 0.0
+  clip_denoised: bool = True
+  thresholding: bool = False
+  order: int = 2
+  skip_type: str = "logSNR"
+
+  @classmethod
+  def from_config(cls, sample_config) -> "SamplerOptions":
+    """The options in `sample_config` (config.sample, or any mapping with its fields)."""
+    return cls(**{f.name: sample_config[f.name] for f in dataclasses.fields(cls)})
+
+  def with_sampler(self, sampler: str, steps: int) -> "SamplerOptions":
+    """These settings for another sampler and step count (evaluation's sweeps); a
+    sampler that is not a solver gets the solvers' fields at their defaults."""
+    options = dataclasses.replace(self, sampler=sampler, steps=steps)
+    if sampler not in solvers.SOLVERS:
+      options = dataclasses.replace(options, order=SamplerOptions.order,
+                                    skip_type=SamplerOptions.skip_type)
+    return options
+
+  def check(self, field: str = "sample") -> "SamplerOptions":
+    """self, or a ValueError naming config.`field`.X and the fix."""
+    if self.sampler not in SAMPLERS:
+      raise ValueError(f"config.{field}.sampler={self.sampler!r}: choose one of "
+                       f"{list(SAMPLERS)}.")
+    if not isinstance(self.steps, int) or self.steps < 1:
+      raise ValueError(f"config.{field}.steps={self.steps!r}: must be a positive integer.")
+    if not (math.isfinite(self.eta) and self.eta >= 0):
+      raise ValueError(f"config.{field}.eta={self.eta!r}: must be ≥ 0.")
+    for name in ("clip_denoised", "thresholding"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"config.{field}.{name}={getattr(self, name)!r}: must be True or "
+                         "False.")
+    if self.skip_type not in solvers.SKIP_TYPES:
+      raise ValueError(f"config.{field}.skip_type={self.skip_type!r}: choose one of "
+                       f"{list(solvers.SKIP_TYPES)}.")
+    if self.sampler == "unipc" and self.order not in (1, 2, 3):
+      raise ValueError(f"config.{field}.order={self.order!r}: UniPC takes order 1, 2 or 3.")
+    if self.sampler == "dpm_solver++" and self.order != 2:
+      raise ValueError(f"config.{field}.order={self.order!r}: DPM-Solver++ here is the "
+                       "second-order multistep solver (2M); set order=2, or use "
+                       "sampler=unipc for orders 1–3.")
+    if self.sampler not in solvers.SOLVERS:
+      for name in ("order", "skip_type"):
+        default = getattr(SamplerOptions, name)
+        if getattr(self, name) != default:
+          raise ValueError(f"config.{field}.{name}={getattr(self, name)!r}: applies to the "
+                           f"solvers {list(solvers.SOLVERS)}, not to sampler="
+                           f"{self.sampler!r}; leave it at {default!r}.")
+    return self
+
+  def kwargs(self) -> dict:
+    """`sample()`'s keyword arguments."""
+    kw = dict(sampler=self.sampler, steps=self.steps, clip_denoised=self.clip_denoised,
+              eta=self.eta, thresholding=self.thresholding)
+    if self.sampler in solvers.SOLVERS:
+      kw.update(order=self.order, skip_type=self.skip_type)
+    return kw
 
 
 def respacing_for(sampler: str, steps: int, num_timesteps: int) -> str:
@@ -147,8 +201,7 @@ def generate(model, diffusion, params, sample_config, out_dir: str, *, class_con
   from diffusion_jax import paths  # pylint: disable=import-outside-toplevel
   from diffusion_jax import reporting  # pylint: disable=import-outside-toplevel
 
-  options = solver_options(sample_config.sampler, sample_config.order,
-                           sample_config.skip_type, sample_config.thresholding)
+  options = SamplerOptions.from_config(sample_config).check()
   mesh = mesh or Mesh(np.array(jax.devices()), ("data",))
   bsz, total = sample_config.batch_size, sample_config.num_samples
   if bsz % mesh.size:
@@ -161,9 +214,7 @@ def generate(model, diffusion, params, sample_config, out_dir: str, *, class_con
   def run(p, key, labels):
     from diffusion_jax import models  # pylint: disable=import-outside-toplevel
     fn = models.bind(model, p, labels if class_cond else None)
-    x = sample(diffusion, fn, (bsz,) + tuple(image_shape), key, sampler=sample_config.sampler,
-               steps=sample_config.steps, clip_denoised=sample_config.clip_denoised,
-               eta=sample_config.eta, **options)
+    x = sample(diffusion, fn, (bsz,) + tuple(image_shape), key, **options.kwargs())
     x = jax.lax.with_sharding_constraint(x, out_sharding)
     return jnp.clip(jnp.round((x + 1) * 127.5), 0, 255).astype(jnp.uint8)
 
