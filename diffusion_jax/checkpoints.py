@@ -87,11 +87,11 @@ class SaveWatcher:
       return
     self.failure = self.failure or (step, e)
 
-  def save(self, step: int, state, iter_state: dict, config) -> None:
+  def save(self, step: int, state, iter_state: dict, config_json: dict) -> None:
     """`save` (below), then watch it; a failure of the previous save raises here too."""
     for _ in range(2):  # again once when an earlier save's clean-up failure was raised
       try:
-        save(self._manager, step, state, iter_state, config)
+        save(self._manager, step, state, iter_state, config_json)
         break
       except Exception as e:  # pylint: disable=broad-except
         # Orbax re-raises a failed earlier save here; else this step's save failed.
@@ -215,15 +215,16 @@ def checksums(state) -> dict[str, list[int]]:
   return {jax.tree_util.keystr(path): [int(v) for v in value] for path, value in flat}
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, iter_state: dict, config) -> None:
-  """Starts an async save of `step` with its checksums (a no-op if that step is already
-  saved)."""
+def save(manager: ocp.CheckpointManager, step: int, state, iter_state: dict,
+         config_json: dict) -> None:
+  """Starts an async save of `step` with its checksums and the config (its JSON dict,
+  config_lib.Training.config_json); a no-op if that step is already saved."""
   if step in manager.all_steps():
     return
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data_iter=ocp.args.JsonSave(iter_state),
-      config=ocp.args.JsonSave(json.loads(config_lib.to_json(config))),
+      config=ocp.args.JsonSave(config_json),
       checksums=ocp.args.JsonSave({"format": 1, "sums": checksums(state)})))
 
 
@@ -281,7 +282,7 @@ class _Unreadable(Exception):
   """A checkpoint step whose files cannot be restored (the message says why)."""
 
 
-def restore_latest(manager: ocp.CheckpointManager, state, shardings, config):
+def restore_latest(manager: ocp.CheckpointManager, state, shardings, config_json: dict):
   """(state, data-iterator state, objective changes) of the newest checkpoint that
   restores (or of train.resume_step), or None when the workdir has none.
 
@@ -289,12 +290,12 @@ def restore_latest(manager: ocp.CheckpointManager, state, shardings, config):
   reported in one line; when an older step restores, the damaged newer ones are moved
   to checkpoints/damaged/<step> (never deleted) and training continues from the older
   one. Raises CheckpointConfigError if the saved config's model, diffusion or EMA
-  fields differ from `config`, if the objective (weighting, loss, timestep sampler)
-  differs without train.allow_objective_change, or if no step restores. The objective
+  fields differ from `config_json` (the current config's JSON dict), if the objective
+  (weighting, loss, timestep sampler) differs without train.allow_objective_change, or if no step restores. The objective
   changes are "field: checkpoint …, config …" lines.
   """
   steps = sorted(manager.all_steps(), reverse=True)
-  wanted = config.train.resume_step
+  wanted = config_json["train"]["resume_step"]
   if wanted >= 0:
     if wanted not in steps:
       raise CheckpointConfigError(f"train.resume_step={wanted} is not saved in "
@@ -303,7 +304,7 @@ def restore_latest(manager: ocp.CheckpointManager, state, shardings, config):
   failures = []
   for step in steps:
     try:
-      result = _restore_step(manager, step, state, shardings, config)
+      result = _restore_step(manager, step, state, shardings, config_json)
     except _Unreadable as e:
       failures.append((step, str(e)))
       logging.warning("Checkpoint step %d cannot be restored: %s", step, e)
@@ -336,20 +337,19 @@ def _one_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
 
-def _restore_step(manager, step: int, state, shardings, config):
+def _restore_step(manager, step: int, state, shardings, config_json: dict):
   where = os.fspath(manager.directory / str(step))
   try:
     saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   except Exception as e:  # pylint: disable=broad-except
     raise _Unreadable(f"its config cannot be read ({_one_line(e)})") from None
-  diffs = model_mismatches(saved.config, config)
+  diffs, changes = config_lib.saved_differences(saved.config, config_json)
   if diffs:
     raise CheckpointConfigError(
         f"The checkpoint at {where} was trained with a different configuration:\n  "
         + "\n  ".join(diffs) + "\nUse a new --workdir, or set these fields as in the "
         "checkpoint. The checkpoint was left untouched.")
-  changes = objective_changes(saved.config, config)
-  if changes and not config.train.allow_objective_change:
+  if changes and not config_json["train"]["allow_objective_change"]:
     raise CheckpointConfigError(
         f"The checkpoint at {where} was trained under another objective:\n  "
         + "\n  ".join(changes) + "\nSet these fields as in the checkpoint, or pass "
@@ -407,7 +407,7 @@ def saved_config_matching(workdir: str, config):
   """The config saved with `workdir`'s latest checkpoint; CheckpointConfigError when its
   model (or other checkpoint-defining) fields differ from `config`'s."""
   saved = saved_config(workdir)
-  mismatch = model_mismatches(json.loads(config_lib.to_json(saved)), config)
+  mismatch = config_lib.saved_differences(config_lib.as_json_dict(saved), config).model
   if mismatch:
     raise CheckpointConfigError(
         f"The checkpoint in {workdir} was trained with a different configuration:\n  "
@@ -430,44 +430,3 @@ def restore_state(workdir: str, abstract_state, step: int | None = None):
         "the workdir (--mode=train) to set it aside and continue from the newest good "
         "step, or restore the files from a copy.")
   return restored
-
-
-# Fields that change what a checkpoint means or its structure.
-CHECKPOINT_FIELDS = {"model": None,
-                     "diffusion": ("schedule", "num_timesteps", "target", "var_type"),
-                     "optim": ("ema_rates",)}
-
-
-# Fields that define the training objective: changing them on resume is deliberate only.
-OBJECTIVE_FIELDS = ("diffusion.weighting", "diffusion.weighting_params", "diffusion.loss_type",
-                    "diffusion.timestep_sampler_params",
-                    "diffusion.timestep_sampler")
-
-
-def objective_changes(saved: dict, config) -> list[str]:
-  """OBJECTIVE_FIELDS whose values differ between a checkpoint's config and `config`."""
-  current = json.loads(config_lib.to_json(config))
-  saved = config_lib.with_defaults(saved)
-  diffs = []
-  for field in OBJECTIVE_FIELDS:
-    section, key = field.split(".")
-    a, b = saved.get(section, {}).get(key), current[section][key]
-    if a != b:
-      diffs.append(f"{field}: checkpoint {a!r}, config {b!r}")
-  return diffs
-
-
-def model_mismatches(saved: dict, config) -> list[str]:
-  """Fields that make a checkpoint saved under config `saved` (a dict) unusable here."""
-  diffs = []
-  current = json.loads(config_lib.to_json(config))
-  saved = config_lib.with_defaults(saved)  # e.g. a model saved before names: a UNet
-  for section, keys in CHECKPOINT_FIELDS.items():
-    old, new = saved.get(section, {}), current[section]
-    for key in sorted(keys or set(old) | set(new)):
-      a, b = old.get(key), new.get(key)
-      if isinstance(a, list) or isinstance(b, list):
-        a, b = list(a or []), list(b or [])
-      if a != b:
-        diffs.append(f"{section}.{key}: checkpoint {a!r}, config {b!r}")
-  return diffs

@@ -303,6 +303,47 @@ def train_settings(config) -> TrainSettings:
                        learning_rate=learning_rate_schedule(config))
 
 
+class LoopSettings(NamedTuple):
+  """The training loop's settings: num_steps (the run's end), resume_step (-1: the
+  latest checkpoint), log_every / checkpoint_every / sample_every (steps; 0: no grids),
+  nan_policy ("halt" or "skip"), batch_size (global images per step), prefetch
+  (batches), classifier (score the final samples' recognisability), and
+  compilation_cache_dir ("" = WORKDIR/compilation_cache, "none" = off)."""
+  num_steps: int
+  resume_step: int
+  log_every: int
+  checkpoint_every: int
+  sample_every: int
+  nan_policy: str
+  batch_size: int
+  prefetch: int
+  classifier: bool
+  compilation_cache_dir: str
+
+
+class Training(NamedTuple):
+  """What training builds from a config: the components, the step's settings, the
+  loop's, and the config as saved with each checkpoint."""
+  components: Components
+  settings: TrainSettings
+  loop: LoopSettings
+  config_json: dict
+
+
+def training(config) -> Training:
+  """`config` validated (ConfigError otherwise) and everything training builds from it:
+  the training loop's one entry into this module (a resume adds `saved_differences`)."""
+  validate_config(config)
+  t = config.train
+  loop = LoopSettings(
+      num_steps=int(t.num_steps), resume_step=int(t.resume_step), log_every=int(t.log_every),
+      checkpoint_every=int(t.checkpoint_every), sample_every=int(t.sample_every),
+      nan_policy=t.nan_policy, batch_size=int(config.data.batch_size),
+      prefetch=int(config.data.prefetch), classifier=bool(config.eval.classifier),
+      compilation_cache_dir=t.compilation_cache_dir)
+  return Training(build(config), train_settings(config), loop, as_json_dict(config))
+
+
 def build_optimizer(config) -> optax.GradientTransformation:
   """AdamW with optional warmup and global-norm clipping."""
   o = config.optim
@@ -317,6 +358,54 @@ def build_optimizer(config) -> optax.GradientTransformation:
 
 def to_json(config) -> str:
   return config.to_json(sort_keys=True)
+
+
+def as_json_dict(config) -> dict:
+  """`config` (a ConfigDict, or already its JSON dict) as a JSON dict."""
+  return config if isinstance(config, dict) else json.loads(to_json(config))
+
+
+# Fields that change what a checkpoint means or its structure.
+CHECKPOINT_FIELDS = {"model": None,
+                     "diffusion": ("schedule", "num_timesteps", "target", "var_type"),
+                     "optim": ("ema_rates",)}
+
+
+# Fields that define the training objective: changing them on resume is deliberate only.
+OBJECTIVE_FIELDS = ("diffusion.weighting", "diffusion.weighting_params", "diffusion.loss_type",
+                    "diffusion.timestep_sampler_params",
+                    "diffusion.timestep_sampler")
+
+
+class SavedDifferences(NamedTuple):
+  """How a checkpoint's config differs from the current one, as "field: checkpoint …,
+  config …" lines. model: CHECKPOINT_FIELDS (the checkpoint is unusable); objective:
+  OBJECTIVE_FIELDS (a resume needs train.allow_objective_change)."""
+  model: list
+  objective: list
+
+
+def saved_differences(saved: dict, config) -> SavedDifferences:
+  """`saved` (a checkpoint's config dict) against `config` (a ConfigDict or its JSON
+  dict)."""
+  current = as_json_dict(config)
+  saved = with_defaults(saved)  # e.g. a model saved before names: a UNet
+  model = []
+  for section, keys in CHECKPOINT_FIELDS.items():
+    old, new = saved.get(section, {}), current[section]
+    for key in sorted(keys or set(old) | set(new)):
+      a, b = old.get(key), new.get(key)
+      if isinstance(a, list) or isinstance(b, list):
+        a, b = list(a or []), list(b or [])
+      if a != b:
+        model.append(f"{section}.{key}: checkpoint {a!r}, config {b!r}")
+  objective = []
+  for field in OBJECTIVE_FIELDS:
+    section, key = field.split(".")
+    a, b = saved.get(section, {}).get(key), current[section][key]
+    if a != b:
+      objective.append(f"{field}: checkpoint {a!r}, config {b!r}")
+  return SavedDifferences(model, objective)
 
 
 def with_defaults(saved: dict) -> dict:

@@ -36,7 +36,7 @@ if __name__ == "__main__":
   state, shardings = state_lib.create_train_state(components, settings, mesh)
   step = train.jit_train_step(components, settings, mesh, shardings)
   manager = checkpoints.create_manager(os.path.join(workdir, "fixed"), config)
-  checkpoints.save(manager, 0, state, {}, config)
+  checkpoints.save(manager, 0, state, {}, config_lib.as_json_dict(config))
   manager.wait_until_finished()
   rng = np.random.default_rng(0)
   n, p = config.data.batch_size, jax.process_count()
@@ -48,7 +48,7 @@ if __name__ == "__main__":
              for k, v in (("image", images), ("label", labels))}
     state, metrics = step(state, batch)
   print("loss", float(metrics["loss"]), "grad_norm", float(metrics["grad_norm"]))
-  checkpoints.save(manager, 3, state, {}, config)
+  checkpoints.save(manager, 3, state, {}, config_lib.as_json_dict(config))
   manager.wait_until_finished()
   manager.close()
   if mode == "multi":

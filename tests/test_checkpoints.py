@@ -7,6 +7,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from diffusion_jax import checkpoints
+from diffusion_jax import config_lib
 from diffusion_jax import paths
 from diffusion_jax.training import train
 from tests import tiny_config
@@ -93,7 +94,7 @@ def test_checksums_find_one_changed_word_in_any_array(tmp_path):
   # Saved with the step; a restore of other values is reported, naming the array.
   config = tiny_config.get_config()
   with checkpoints.create_manager(str(tmp_path), config) as manager:
-    checkpoints.save(manager, 1, state, {}, config)
+    checkpoints.save(manager, 1, state, {}, config_lib.as_json_dict(config))
     manager.wait_until_finished()
     assert checkpoints.damaged_arrays(manager, 1, state) is None
     assert "['w']" in checkpoints.damaged_arrays(manager, 1, changed)
@@ -111,15 +112,14 @@ def test_model_and_objective_differences_are_named():
   other = tiny_config.get_config()
   other.model.num_channels = 64
   other.optim.ema_rates = (0.5,)
-  assert checkpoints.model_mismatches(saved, other) == [
+  assert config_lib.saved_differences(saved, other) == ([
       "model.num_channels: checkpoint 32, config 64",
-      "optim.ema_rates: checkpoint [0.99, 0.9], config [0.5]"]
+      "optim.ema_rates: checkpoint [0.99, 0.9], config [0.5]"], [])
   other = tiny_config.get_config()
   other.diffusion.weighting = "p2"
   other.optim.lr = 1.0  # not a checkpoint-defining field
-  assert checkpoints.model_mismatches(saved, other) == []
-  assert checkpoints.objective_changes(saved, other) == [
-      "diffusion.weighting: checkpoint 'debias', config 'p2'"]
+  assert config_lib.saved_differences(saved, config_lib.as_json_dict(other)) == ([], [
+      "diffusion.weighting: checkpoint 'debias', config 'p2'"])
 
 
 def test_a_step_that_is_a_link_or_a_file_is_set_aside_before_orbax_sees_it(tmp_path):
@@ -138,7 +138,7 @@ def test_a_step_that_is_a_link_or_a_file_is_set_aside_before_orbax_sees_it(tmp_p
   state = {"w": np.ones(3, np.float32)}
   with checkpoints.create_manager(str(tmp_path / "wd"), config) as manager:
     for step in (4, 5):
-      checkpoints.save(manager, step, state, {}, config)
+      checkpoints.save(manager, step, state, {}, config_lib.as_json_dict(config))
       manager.wait_until_finished()
   assert sorted(p.name for p in ck.iterdir()) == ["5", "foreign", "junk"]
   assert (ck / "foreign" / "1").is_symlink() and (ck / "foreign" / "3").is_file()
@@ -208,7 +208,7 @@ def test_a_checkpoint_from_before_the_objective_state_was_renamed_resumes_bitwis
                                            "nonfinite_steps")}
   manager = checkpoints.create_manager(str(old), config)
   checkpoints.save(manager, 2, OldTrainState(sampler_state=state.objective_state, **fields),
-                   iter_state, config)
+                   iter_state, config_lib.as_json_dict(config))
   manager.wait_until_finished()
   manager.close()
   _assert_trees_equal(run_lib.load_checkpoint(str(old)), state)

@@ -4,7 +4,6 @@ import math
 
 import pytest
 
-from diffusion_jax import checkpoints
 from diffusion_jax import config_lib
 from diffusion_jax import models
 from tests import tiny_config
@@ -141,11 +140,11 @@ def test_a_checkpoint_config_saved_before_model_names_is_a_unet():
   config = tiny_config.get_config()
   saved = config.to_dict()
   del saved["model"]["name"]
-  assert checkpoints.model_mismatches(saved, config) == []
+  assert config_lib.saved_differences(saved, config).model == []
   config.model = models.config_fields("dit")
   config.model.update(image_size=32, in_channels=1)
-  assert "model.name: checkpoint 'adm_unet', config 'dit'" in checkpoints.model_mismatches(
-      saved, config)
+  assert ("model.name: checkpoint 'adm_unet', config 'dit'"
+          in config_lib.saved_differences(saved, config).model)
 
 
 def test_timestep_samplers_are_built_and_checked_from_the_config():
@@ -174,7 +173,7 @@ def test_a_config_saved_before_new_fields_loads_with_their_defaults():
   assert loaded.diffusion.timestep_sampler_params.b == 0.5
   assert loaded.sample.order == 2 and loaded.model.num_channels == 32
   config_lib.validate_config(loaded, num_devices=1)
-  assert checkpoints.objective_changes(saved, tiny_config.get_config()) == []
+  assert config_lib.saved_differences(saved, tiny_config.get_config()).objective == []
 
 
 @pytest.mark.parametrize("weighting, params, sampler, sampler_params, message", [

@@ -15,6 +15,7 @@ from PIL import Image
 import pytest
 
 from diffusion_jax import checkpoints
+from diffusion_jax import config_lib
 from diffusion_jax import paths
 from diffusion_jax import reporting
 from diffusion_jax import run as run_lib
@@ -125,9 +126,10 @@ def test_an_outage_during_a_checkpoint_write_keeps_the_last_committed_step(gcs, 
   rng = np.random.default_rng(0)
   state = {"w": rng.standard_normal((1024, 1024)).astype(np.float32)}  # 4 MB
   manager = checkpoints.create_manager(workdir, config)
-  checkpoints.save(manager, 1, state, {"i": 1}, config)
+  checkpoints.save(manager, 1, state, {"i": 1}, config_lib.as_json_dict(config))
   manager.wait_until_finished()
-  checkpoints.save(manager, 2, {"w": state["w"] + 1}, {"i": 2}, config)
+  checkpoints.save(manager, 2, {"w": state["w"] + 1}, {"i": 2},
+                   config_lib.as_json_dict(config))
   gcs.stop(kill=True)
   try:
     manager.wait_until_finished()

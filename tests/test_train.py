@@ -460,3 +460,42 @@ def test_prefetcher_reraises_reader_errors():
   with input_pipeline.Prefetcher(_digits_iterator(), broken) as pf:
     with pytest.raises(OSError, match="disk went away"):
       pf.next()
+
+
+def _config_lib_entries(fn) -> list[str]:
+  """The config_lib functions that package code outside config_lib calls while fn() runs."""
+  import threading  # pylint: disable=import-outside-toplevel
+  own, package = config_lib.__file__, os.path.dirname(config_lib.__file__)
+  entries = []
+
+  def profile(frame, event, arg):
+    caller = frame.f_back
+    if (event == "call" and frame.f_code.co_filename == own and caller is not None
+        and caller.f_code.co_filename != own
+        and caller.f_code.co_filename.startswith(package)):
+      entries.append(frame.f_code.co_name)
+
+  sys.setprofile(profile)
+  threading.setprofile(profile)
+  try:
+    fn()
+  finally:
+    sys.setprofile(None)
+    threading.setprofile(None)
+  return entries
+
+
+def test_the_config_enters_config_lib_once_per_run_and_once_more_on_resume(tmp_path):
+  """train_and_sample hands the config to config_lib.training() (validate, build, the
+  loop's settings, the JSON saved with checkpoints); the loop, state, checkpoints and
+  samplers take what it built. A resume also compares the saved config."""
+  config = tiny_config.get_config()
+  config.train.update(num_steps=1, log_every=1, checkpoint_every=1, sample_every=0)
+  config.sample.update(num_samples=2, batch_size=2, steps=2)
+  config.eval.classifier = False
+  fresh = _config_lib_entries(lambda: train.train_and_sample(config, str(tmp_path)))
+  config.train.num_steps = 2
+  resumed = _config_lib_entries(lambda: train.train_and_sample(config, str(tmp_path)))
+  assert fresh == ["training"]
+  assert resumed == ["training", "saved_differences"]
+  assert checkpoints.checkpoint_steps(str(tmp_path)) == [1, 2]

@@ -7,7 +7,6 @@ the same objective is reused, an unfinished one resumes.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -65,9 +64,8 @@ def _train_or_reuse(sub_config, run_dir: str, name: str) -> None:
   steps = checkpoints.checkpoint_steps(run_dir)
   if steps:
     saved = checkpoints.saved_config(run_dir)
-    mismatch = checkpoints.model_mismatches(json.loads(config_lib.to_json(saved)), sub_config)
-    mismatch += checkpoints.objective_changes(json.loads(config_lib.to_json(saved)),
-                                              sub_config)
+    mismatch = sum(config_lib.saved_differences(config_lib.as_json_dict(saved), sub_config),
+                   [])
     if mismatch:
       raise checkpoints.CheckpointConfigError(
           f"{run_dir} holds a run with a different configuration:\n  " + "\n  ".join(mismatch)

@@ -300,7 +300,7 @@ def convert_checkpoint(path: str, config, workdir: str) -> int:
                         opt_state=tx.init(params), step=np.int32(step))
   paths.check_writable(workdir)
   manager = checkpoints.create_manager(workdir, config)
-  checkpoints.save(manager, step, state, {}, config)
+  checkpoints.save(manager, step, state, {}, config_lib.as_json_dict(config))
   manager.wait_until_finished()
   manager.close()
   return step

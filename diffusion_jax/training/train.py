@@ -218,13 +218,12 @@ def _is_main_thread() -> bool:
   return threading.current_thread() is threading.main_thread()
 
 
-def enable_compilation_cache(config, workdir) -> str | None:
-  """Points JAX's persistent compilation cache at train.compilation_cache_dir ("" =
-  WORKDIR/compilation_cache, gs:// allowed; "none" = off), so that a job restarted
+def enable_compilation_cache(setting: str, workdir) -> str | None:
+  """Points JAX's persistent compilation cache at `setting` (train.compilation_cache_dir:
+  "" = WORKDIR/compilation_cache, gs:// allowed; "none" = off), so that a job restarted
   after preemption loads its compiled step instead of compiling again. Returns the
   folder in use, or None."""
   from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=import-outside-toplevel
-  setting = config.train.compilation_cache_dir
   if setting == "none":
     return None
   folder = os.fspath(paths.path(setting) if setting else paths.path(workdir) /
@@ -254,40 +253,41 @@ def train_and_sample(config: ml_collections.ConfigDict, workdir: str) -> state_l
   WORKDIR/trainer.lock while it runs, so a second trainer on the workdir is refused
   (workdir_lock.WorkdirLockedError).
   """
-  config_lib.validate_config(config)
+  plan = config_lib.training(config)
   paths.check_writable(workdir)
-  finished = _finished_run(config, workdir)
+  finished = _finished_run(config, plan, workdir)
   if finished is not None:
     return finished
   with workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0):
-    return _train(config, workdir)
+    return _train(config, plan, workdir)
 
 
-def _finished_run(config, workdir: str) -> state_lib.TrainState | None:
+def _finished_run(config, plan: config_lib.Training,
+                  workdir: str) -> state_lib.TrainState | None:
   """The saved state when `workdir` already holds a finished run of `config` (trained to
   train.num_steps, final samples written), after saying so; else None."""
   steps = checkpoints.checkpoint_steps(workdir)
-  if (not steps or steps[-1] < config.train.num_steps or config.train.resume_step != -1
+  if (not steps or steps[-1] < plan.loop.num_steps or plan.loop.resume_step != -1
       or not paths.exists(paths.path(workdir) / reporting.FINAL_SAMPLES)):
     return None
   try:
     state = checkpoints.restore_state(
-        workdir, state_lib.abstract_state(config_lib.build(config), config_lib.train_settings(config)))
+        workdir, state_lib.abstract_state(plan.components, plan.settings))
   except Exception:  # pylint: disable=broad-except
     return None  # unreadable or another model: the training path names the problem
   checkpoints.saved_config_matching(workdir, config)  # a different model is an error
   if jax.process_index() == 0:
     print(f"{workdir} already holds a finished run: step {steps[-1]} of "
-          f"train.num_steps={config.train.num_steps}, samples in "
+          f"train.num_steps={plan.loop.num_steps}, samples in "
           f"{paths.path(workdir) / reporting.FINAL_SAMPLES}. Nothing to do.\n"
           "To train further, raise --config.train.num_steps; to draw new samples, use "
           "--mode=sample.", flush=True)
   return state
 
 
-def _train(config, workdir: str) -> state_lib.TrainState:
-  enable_compilation_cache(config, workdir)
-  components, settings = config_lib.build(config), config_lib.train_settings(config)
+def _train(config, plan: config_lib.Training, workdir: str) -> state_lib.TrainState:
+  loop, components, settings = plan.loop, plan.components, plan.settings
+  enable_compilation_cache(loop.compilation_cache_dir, workdir)
   model, diffusion = components.model, components.diffusion
   mesh = state_lib.make_mesh(config)
   data_iter = input_pipeline.create_iterator(config.data, config.data.seed)
@@ -295,7 +295,7 @@ def _train(config, workdir: str) -> state_lib.TrainState:
   manager = checkpoints.create_manager(workdir, config)
   saves = checkpoints.SaveWatcher(manager)
   state, shardings = state_lib.create_train_state(components, settings, mesh)
-  restored = checkpoints.restore_latest(manager, state, shardings, config)
+  restored = checkpoints.restore_latest(manager, state, shardings, plan.config_json)
   objective_changes = []
   if restored is not None:
     state, iter_state, objective_changes = restored
@@ -316,16 +316,16 @@ def _train(config, workdir: str) -> state_lib.TrainState:
 
   step = int(state.step)
   first_step, start_time, last_summary = step, time.time(), {}
-  num_steps = config.train.num_steps
+  num_steps = loop.num_steps
   pending: list[dict] = []
   last_log_time, last_log_step = time.time(), step
   if writer.enabled and step < num_steps:
-    tqdm.write(_plan(config, workdir, step, mesh, writer.latest("compile_s")))
+    tqdm.write(_plan(loop, workdir, step, mesh, writer.latest("compile_s")))
   # delay: the bar first shows at the first step, after the compile's own line.
   bar = tqdm(total=num_steps, initial=step, disable=jax.process_index() != 0,
              desc="train", unit="step", dynamic_ncols=True, delay=0.1)
   with bar, _PreemptionWatch() as preempted, input_pipeline.Prefetcher(
-      data_iter, to_global, config.data.prefetch) as prefetcher:
+      data_iter, to_global, loop.prefetch) as prefetcher:
     next_batch = prefetcher.next
     batch, batch_iter_state = next_batch() if step < num_steps else (None, None)
     eta_from = None  # (step, time) where the step time starts being measured
@@ -345,29 +345,29 @@ def _train(config, workdir: str) -> state_lib.TrainState:
         batch, batch_iter_state = next_batch()
       else:
         batch_iter_state = prefetcher.state()
-      at_log = step % config.train.log_every == 0 or step == num_steps
-      at_ckpt = step % config.train.checkpoint_every == 0 or step == num_steps
+      at_log = step % loop.log_every == 0 or step == num_steps
+      at_ckpt = step % loop.checkpoint_every == 0 or step == num_steps
       preempted.reached(step)
       saves.raise_if_failed()
       if at_log:
         interval = len(pending)
         summary = _summarise(pending)
         pending = []
-        summary["images_per_s"] = (step - last_log_step) * config.data.batch_size / max(
+        summary["images_per_s"] = (step - last_log_step) * loop.batch_size / max(
             time.time() - last_log_time, 1e-9)
         last_log_time, last_log_step = time.time(), step
         writer.write_scalars(step, summary)
         last_summary = summary
         bar.set_postfix(loss=f"{summary['loss']:.4f}", img_s=f"{summary['images_per_s']:.1f}")
         if eta_from is not None and writer.enabled and step < num_steps:
-          tqdm.write(_eta(eta_from, step, num_steps, config))
+          tqdm.write(_eta(eta_from, step, loop))
         eta_from = None
-        if summary["finite"] < 1 and config.train.nan_policy == "skip":
+        if summary["finite"] < 1 and loop.nan_policy == "skip":
           dropped = int(state.nonfinite_steps)
           logging.warning("nan_policy=skip: %d step(s) with a non-finite loss or gradient "
                           "dropped so far (%d in the last %d).", dropped,
                           round((1 - summary["finite"]) * interval), interval)
-      if (at_log or at_ckpt or preempted.raised) and config.train.nan_policy == "halt" and int(
+      if (at_log or at_ckpt or preempted.raised) and loop.nan_policy == "halt" and int(
           state.nonfinite_steps):
         last = manager.latest_step()
         raise NonFiniteLossError(
@@ -376,9 +376,9 @@ def _train(config, workdir: str) -> state_lib.TrainState:
                f"the last good checkpoint (step {last}) is kept")
             + ". Lower optim.lr, set optim.grad_clip, or use train.nan_policy=skip.")
       if at_ckpt or preempted.raised:
-        saves.save(step, state, batch_iter_state, config)
+        saves.save(step, state, batch_iter_state, plan.config_json)
         writer.flush()
-      if (config.train.sample_every and step % config.train.sample_every == 0
+      if (loop.sample_every and step % loop.sample_every == 0
           and step < num_steps):  # the final grid is drawn after the loop
         writer.write_image_grid(step, sample_grid(config, model, diffusion,
                                                   state.ema_params[0]))
@@ -397,7 +397,7 @@ def _train(config, workdir: str) -> state_lib.TrainState:
     if writer.enabled:
       outputs["samples"] = os.fspath(paths.path(workdir) / reporting.FINAL_SAMPLES)
       outputs["loss curve"] = reporting.plot_loss_curve(workdir)
-      if config.eval.classifier:
+      if loop.classifier:
         recognisable = _recognisability(config, workdir, grid)
         writer.write_scalars(step, {"recognisable_fraction":
                                     recognisable[0]["confident_fraction"]})
@@ -418,30 +418,30 @@ def _recognisability(config, workdir: str, images: np.ndarray):
   return classifier.score(images), classifier.reference
 
 
-def _plan(config, workdir: str, step: int, mesh, last_compile_s: float | None) -> str:
+def _plan(loop: config_lib.LoopSettings, workdir: str, step: int, mesh,
+          last_compile_s: float | None) -> str:
   """What a run is about to do, printed before its first compile."""
-  t = config.train
   devices = f"{mesh.size} {jax.devices()[0].platform} device{'s' * (mesh.size > 1)}"
   if jax.process_count() > 1:
     devices += f" in {jax.process_count()} processes"
   previous = (f" (the last one in this workdir took {last_compile_s:.0f} s)"
               if last_compile_s is not None else "")
-  return (f"Plan: steps {step} → {t.num_steps}, batch {config.data.batch_size} over "
-          f"{devices}, a checkpoint every {t.checkpoint_every} steps.\n"
+  return (f"Plan: steps {step} → {loop.num_steps}, batch {loop.batch_size} over "
+          f"{devices}, a checkpoint every {loop.checkpoint_every} steps.\n"
           f"  Outputs in {workdir}: checkpoints/, metrics.jsonl, loss_curve.png, "
           f"{reporting.FINAL_SAMPLES}.\n"
           f"  First the train step compiles{previous}; the time left follows once "
-          f"{t.log_every} steps are measured.")
+          f"{loop.log_every} steps are measured.")
 
 
-def _eta(since: tuple[int, float], step: int, num_steps: int, config) -> str:
+def _eta(since: tuple[int, float], step: int, loop: config_lib.LoopSettings) -> str:
   """The measured step time since `since` = (step, time) and what it predicts."""
   seconds = (time.time() - since[1]) / max(step - since[0], 1)
-  every = config.train.sample_every
+  every, num_steps = loop.sample_every, loop.num_steps
   grids = len(range(every * (step // every + 1), num_steps, every)) if every else 0
   extras = [f"{grids} sample grid{'s' * (grids > 1)}"] if grids else []
   extras.append("the final samples"
-                + (" and their recognisability" if config.eval.classifier else ""))
+                + (" and their recognisability" if loop.classifier else ""))
   return (f"Step time {seconds:.3f} s (steps {since[0] + 1}–{step}) → about "
           f"{reporting.duration(seconds * (num_steps - step))} for the "
           f"{num_steps - step} steps left, plus {', '.join(extras)}.")
