@@ -291,8 +291,8 @@ def restore_latest(manager: ocp.CheckpointManager, state, shardings, config_json
   to checkpoints/damaged/<step> (never deleted) and training continues from the older
   one. Raises CheckpointConfigError if the saved config's model, diffusion or EMA
   fields differ from `config_json` (the current config's JSON dict), if the objective
-  (weighting, loss, timestep sampler) differs without train.allow_objective_change, or if no step restores. The objective
-  changes are "field: checkpoint …, config …" lines.
+  (weighting, loss, timestep sampler) differs without train.allow_objective_change, or
+  if no step restores. The objective changes are "field: checkpoint …, config …" lines.
   """
   steps = sorted(manager.all_steps(), reverse=True)
   wanted = config_json["train"]["resume_step"]

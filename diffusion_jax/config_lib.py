@@ -21,7 +21,6 @@ from diffusion_jax.data import input_pipeline
 from diffusion_jax.sampling import samplers
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("einsum", "fused")
 NAN_POLICIES = ("halt", "skip")
 
 def _default_config():
@@ -146,8 +145,8 @@ def _validate_train_and_optim(config) -> None:
              "must be ≥ 0 (0: off)")
   _require(isinstance(t.resume_step, int) and t.resume_step >= -1, "train.resume_step",
            t.resume_step, "must be -1 (the newest checkpoint that restores) or a saved step")
-  _require(t.attention in ATTENTION_IMPLS, "train.attention", t.attention,
-           f"choose one of {list(ATTENTION_IMPLS)}")
+  _require(t.attention in models.ATTENTION_IMPLS, "train.attention", t.attention,
+           f"choose one of {list(models.ATTENTION_IMPLS)}")
   _require(math.isfinite(o.lr) and o.lr > 0, "optim.lr", o.lr,
            "must be > 0 (warmup_steps ramps it up from 0)")
   for name in ("weight_decay", "grad_clip"):
@@ -191,8 +190,8 @@ def validate_config(config, num_devices: int | None = None) -> None:
 def _validate(config, num_devices: int | None) -> None:
   unknown = _unknown_fields(config, _default_config())
   if unknown:
-    raise ConfigError(f"Unknown config field(s) {unknown}; see diffusion_jax/configs/defaults.py for "
-                      "every field.")
+    raise ConfigError(f"Unknown config field(s) {unknown}; see "
+                      "diffusion_jax/configs/defaults.py for every field.")
   models.validate_model_config(config.model)
   _validate_train_and_optim(config)
   validate_sample_fields(config)

@@ -23,7 +23,8 @@ def test_benchmark_reports_every_key():
 @pytest.mark.slow  # a subprocess that compiles the step (~30 s)
 def test_bench_cli_writes_json(tmp_path):
   out = tmp_path / "b.json"
-  r = subprocess.run([sys.executable, "-m", "diffusion_jax.tools.bench", "--config=tests/tiny_config.py",
+  r = subprocess.run([sys.executable, "-m", "diffusion_jax.tools.bench",
+                      "--config=tests/tiny_config.py",
                       f"--json={out}", "--runs=1", "--warmup=0"], capture_output=True, text=True,
                      timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]

@@ -29,7 +29,7 @@ EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 METADATA = "dataset.json"
 RECORDS = "images.array_record"
 SPLIT_RECORDS = {"train": RECORDS, "test": "test.array_record"}
-FORMAT = "diffusion_jax.data.image_folder.v1"
+FORMAT = "diffusion_jax.image_folder.v1"  # written into prepared datasets: never renamed
 
 
 def list_image_files(directory: str) -> list[str]:
