@@ -144,6 +144,18 @@ def quiet_library_errors(record) -> bool:
               any(f"/{lib}/" in path for lib in ("orbax", "tensorstore", "asyncio")))
 
 
+def quiet_closed_loop_callbacks(default_hook):
+  """A sys.unraisablehook (the CLI's, unless --verbosity) that drops the "Event loop is
+  closed" errors of TensorStore writes finishing after a failed save closed Orbax's loop
+  (hundreds of bare tracebacks, interleaved with the run's one-line report), and passes
+  everything else to `default_hook`."""
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+      default_hook(unraisable)
+  return hook
+
+
 def checkpoint_dir(workdir: str) -> epath.Path:
   """WORKDIR/checkpoints (absolute when local; gs:// kept)."""
   return paths.path(workdir) / "checkpoints"

@@ -40,6 +40,7 @@ def main(argv):
     # threads; the run reports it in one line (checkpoints.CheckpointSaveError).
     from diffusion_jax import checkpoints  # pylint: disable=import-outside-toplevel
     logging.get_absl_handler().addFilter(checkpoints.quiet_library_errors)
+    sys.unraisablehook = checkpoints.quiet_closed_loop_callbacks(sys.unraisablehook)
   _load_config_or_exit()
   from diffusion_jax import checkpoints  # pylint: disable=import-outside-toplevel
   from diffusion_jax import config_lib  # pylint: disable=import-outside-toplevel
