@@ -17,7 +17,7 @@ import optax
 from diffusion_jax import models
 from diffusion_jax.core import diffusion as diffusion_lib
 from diffusion_jax.core import objective as objective_lib
-from diffusion_jax.data import input_pipeline
+from diffusion_jax.data import sources
 from diffusion_jax.sampling import samplers
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -203,7 +203,7 @@ def _validate(config, num_devices: int | None) -> None:
     raise ValueError(f"model.learn_sigma={config.model.learn_sigma} conflicts with "
                      f"diffusion.var_type={d.var_type!r}: a learned variance needs "
                      "learn_sigma=True, a fixed one learn_sigma=False.")
-  input_pipeline.check_dataset_name(config.data.dataset)
+  sources.check_dataset_name(config.data.dataset)
   if config.model.image_size != config.data.image_size:
     raise ValueError(f"model.image_size={config.model.image_size} differs from "
                      f"data.image_size={config.data.image_size}; set them equal.")

@@ -45,11 +45,11 @@ def main(argv):
   from diffusion_jax import checkpoints  # pylint: disable=import-outside-toplevel
   from diffusion_jax import config_lib  # pylint: disable=import-outside-toplevel
   from diffusion_jax import paths  # pylint: disable=import-outside-toplevel
-  from diffusion_jax.data import input_pipeline
+  from diffusion_jax.data import sources
   from diffusion_jax.training import workdir_lock
   user_errors = (config_lib.ConfigError, paths.StorageError, workdir_lock.WorkdirLockedError,
                  checkpoints.CheckpointSaveError, checkpoints.CheckpointConfigError,
-                 checkpoints.NoCheckpointError, input_pipeline.DataError)
+                 checkpoints.NoCheckpointError, sources.DataError)
   if FLAGS.mode in ("convert", "evaluate", "compare", "sample", "prepare"):
     # bad files, fields or checkpoints; an output that already exists
     user_errors += (ValueError, FileNotFoundError, FileExistsError)

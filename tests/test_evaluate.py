@@ -228,8 +228,8 @@ def test_ema_index_picks_the_named_rate():
 
 
 def test_static_fraction_separates_static_from_garments():
-  from diffusion_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
-  real = input_pipeline.load_fashion_mnist("test").images[:500]
+  from diffusion_jax.data import sources  # pylint: disable=import-outside-toplevel
+  real = sources.load_fashion_mnist("test").images[:500]
   static = np.random.default_rng(0).integers(0, 256, (50, 28, 28, 1), dtype=np.uint8)
   assert analysis.static_fraction(real) < 0.01
   assert analysis.static_fraction(static) == 1.0

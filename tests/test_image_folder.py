@@ -9,6 +9,7 @@ import pytest
 
 from diffusion_jax.data import image_folder
 from diffusion_jax.data import input_pipeline
+from diffusion_jax.data import sources
 from tests import tiny_config
 
 
@@ -61,7 +62,7 @@ def test_skip_bad_files_counts_the_skip_and_training_reads_the_result(tmp_path):
   config = tiny_config.get_config()
   config.model.in_channels = 3
   config.data.update(dataset="folder", data_dir=str(tmp_path / "out"), batch_size=4)
-  source = input_pipeline.get_source(config.data)
+  source = sources.get_source(config.data)
   assert len(source) == 6
   first = image_folder.list_image_files(str(src))[0]
   np.testing.assert_array_equal(
@@ -113,9 +114,9 @@ def test_holdout_writes_a_test_split_the_model_never_trains_on(tmp_path, holdout
   config = tiny_config.get_config()
   config.model.in_channels = 3
   config.data.update(dataset="folder", data_dir=str(tmp_path / "out"))
-  train = input_pipeline.get_source(config.data)
+  train = sources.get_source(config.data)
   config.data.split = "test"
-  test = input_pipeline.get_source(config.data)
+  test = sources.get_source(config.data)
   want = (4, 2) if holdout == "0.34" else (6, 6)
   assert (len(train), len(test)) == want == (summary["splits"]["train"],
                                              summary["splits"]["test"])
@@ -139,21 +140,21 @@ def test_unprepared_tfds_dataset_says_how_to_prepare_it(tmp_path):
   config = tiny_config.get_config()
   config.data.update(dataset="tfds:cifar10", data_dir=str(tmp_path))
   with pytest.raises(FileNotFoundError, match="tfds build cifar10 --file_format=array_record"):
-    input_pipeline.get_source(config.data)
+    sources.get_source(config.data)
 
 
 def test_unknown_dataset_name():
   config = tiny_config.get_config()
   config.data.dataset = "mnist"
   with pytest.raises(ValueError, match="choose one of .*'tfds:NAME'"):
-    input_pipeline.check_dataset_name(config.data.dataset)
+    sources.check_dataset_name(config.data.dataset)
 
 
 def test_photo_patches_are_deterministic_colour_crops():
   config = tiny_config.get_config()
   config.model.in_channels = 3
   config.data.update(dataset="photo_patches", image_size=32)
-  source = input_pipeline.get_source(config.data)
+  source = sources.get_source(config.data)
   assert len(source) == 50_000
   a, b = source[123], source[123]
   assert a["image"].shape == (32, 32, 3) and a["image"].dtype == np.uint8

@@ -3,15 +3,15 @@ import numpy as np
 import pytest
 
 from diffusion_jax.configs import defaults
-from diffusion_jax.data import input_pipeline
+from diffusion_jax.data import sources
 from diffusion_jax.evaluation import recognisability
 
 
 @pytest.fixture(scope="module")
 def fashion():
-  train = input_pipeline.load_fashion_mnist("train")
-  test = input_pipeline.load_fashion_mnist("test")
-  pad = lambda a: input_pipeline.pad_to(a, 32)
+  train = sources.load_fashion_mnist("train")
+  test = sources.load_fashion_mnist("test")
+  pad = lambda a: sources.pad_to(a, 32)
   classifier = recognisability.Classifier.train(pad(train.images[:12000]),
                                                 train.labels[:12000], 10)
   return classifier, pad(test.images[:1000]), test.labels[:1000]

@@ -21,6 +21,7 @@ from diffusion_jax import reporting
 from diffusion_jax import run as run_lib
 from diffusion_jax import state as state_lib
 from diffusion_jax.data import input_pipeline
+from diffusion_jax.data import sources
 from diffusion_jax.training import train
 from tests import process_kill
 from tests import tiny_config
@@ -434,7 +435,7 @@ def test_a_failed_save_is_reported_at_the_next_step(tmp_path):
 
 
 def _digits_iterator(seed=0):
-  return iter(input_pipeline.make_dataset(input_pipeline.load_digits(), batch_size=4,
+  return iter(input_pipeline.make_dataset(sources.load_digits(), batch_size=4,
                                           seed=seed, random_flip=True))
 
 

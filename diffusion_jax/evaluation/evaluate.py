@@ -30,7 +30,7 @@ from diffusion_jax import models
 from diffusion_jax import paths
 from diffusion_jax import reporting
 from diffusion_jax import run as run_lib
-from diffusion_jax.data import input_pipeline
+from diffusion_jax.data import sources
 from diffusion_jax.evaluation import analyses  # noqa: F401  (registers the built-in analyses)
 from diffusion_jax.evaluation import analysis
 from diffusion_jax.evaluation import inception as inception_lib
@@ -57,7 +57,7 @@ def data_images(data_config, num: int, seed: int, split: str | None = None):
   data_config = data_config.copy_and_resolve_references()
   if split is not None:
     data_config.split = split
-  source = input_pipeline.get_source(data_config)
+  source = sources.get_source(data_config)
   if num > len(source):
     raise ValueError(f"Asked for {num} images but {data_config.dataset} "
                      f"({data_config.split}) has {len(source)}; lower the eval count.")

@@ -31,7 +31,7 @@ import optax
 from tqdm.auto import tqdm
 
 from diffusion_jax import paths
-from diffusion_jax.data import input_pipeline
+from diffusion_jax.data import sources
 
 THRESHOLD = 0.8
 MAX_IMAGE_SIZE = 64
@@ -157,8 +157,8 @@ class Classifier:
 def _all_images(data_config, split: str):
   config = data_config.copy_and_resolve_references()
   config.split = split
-  source = input_pipeline.get_source(config)
-  if isinstance(source, input_pipeline.ArraySource):
+  source = sources.get_source(config)
+  if isinstance(source, sources.ArraySource):
     return source.images, source.labels
   records = [source[i] for i in range(len(source))]
   return (np.stack([np.asarray(r["image"], np.uint8) for r in records]),
