@@ -52,11 +52,6 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
                 + (mean1 - mean2) ** 2 * jnp.exp(-logvar2))
 
 
-def approx_standard_normal_cdf(x):
-  """Φ(x) by the tanh approximation used in guided-diffusion (and Ho et al.)."""
-  return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-
-
 def _log_approx_cdf(x):
   """log Φ̃(x) for the tanh approximation, computed as log σ(2u(x)) without cancellation."""
   u = math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)

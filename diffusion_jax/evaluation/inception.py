@@ -349,10 +349,6 @@ class FIDInception:
     params = jax.tree.map(jnp.asarray, params)
     return cls(params=params, num_logits=num_logits, source=path)
 
-  @property
-  def has_logits(self) -> bool:
-    return self.num_logits > 0
-
   @functools.cached_property
   def _apply(self):
     model = InceptionV3(self.num_logits)
