@@ -76,6 +76,11 @@ def validate_sample_fields(config) -> None:
   """config.sample, checked before training so a bad sampler cannot lose a run's end."""
   s = config.sample
   samplers.SamplerOptions.from_config(s).check("sample")
+  m = config.model
+  _require(s.guidance_scale == 1 or (m.class_cond and m.get("class_dropout_prob", 0) > 0),
+           "sample.guidance_scale", s.guidance_scale,
+           "needs a class-conditional model trained with label dropout to a null class "
+           "(model.class_dropout_prob > 0); set it to 1")
   for name in ("num_samples", "batch_size"):
     _require(isinstance(s[name], int) and s[name] >= 1, f"sample.{name}", s[name],
              "must be a positive integer")

@@ -84,8 +84,9 @@ def sample_from_workdir(config, workdir: str) -> dict:
   """--mode=sample: config.sample's sampler on the latest checkpoint's EMA params.
 
   Uses the EMA whose rate is config.sample.ema_rate (-1: the first). Writes into
-  WORKDIR/samples/<sampler>_<steps>/ (see `samplers.generate`) and returns generate's
-  result with "dir" and "files" (the paths written; in a multi-host job every process
+  WORKDIR/samples/<sampler>_<steps>/ (…_cfg<scale>/ with guidance; see
+  `samplers.generate`) and returns generate's result with "dir" and "files" (the
+  paths written; in a multi-host job every process
   samples its share of each batch and process 0 writes). Finished batches are kept as
   they finish, so an interrupted run continues where it stopped when rerun.
   """
@@ -94,7 +95,8 @@ def sample_from_workdir(config, workdir: str) -> dict:
   state = load_checkpoint(workdir)
   params = state.ema_params[ema_index(saved, config.sample.ema_rate, "sample.ema_rate")]
   s = config.sample
-  out_dir = os.fspath(paths.path(workdir) / "samples" / f"{s.sampler}_{s.steps}")
+  guidance = f"_cfg{s.guidance_scale:g}" if s.guidance_scale != 1 else ""
+  out_dir = os.fspath(paths.path(workdir) / "samples" / f"{s.sampler}_{s.steps}{guidance}")
   m = config.model
   result = samplers.generate(
       config_lib.build_model(config), config_lib.build_diffusion(config), params, s, out_dir,

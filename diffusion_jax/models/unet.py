@@ -166,6 +166,7 @@ class UNetModel(nn.Module):
   channel_mult: Sequence[float] = (1, 2, 4, 8)
   conv_resample: bool = True
   num_classes: int | None = None
+  class_dropout_prob: float = 0.0  # > 0: labels dropped to a null class (index num_classes)
   use_checkpoint: bool = False
   dtype: Dtype = jnp.float32
   num_heads: int = 1
@@ -204,7 +205,11 @@ class UNetModel(nn.Module):
     emb = _dense(emb_dim, "time_embed.0", jnp.float32)(emb)
     emb = _dense(emb_dim, "time_embed.2", jnp.float32)(nn.silu(emb))
     if self.num_classes is not None:
-      emb = emb + nn.Embed(self.num_classes, emb_dim, name="label_emb",
+      null = self.class_dropout_prob > 0  # for classifier-free guidance, as DiT's
+      if train and null:
+        drop = jax.random.uniform(self.make_rng("dropout"), y.shape) < self.class_dropout_prob
+        y = jnp.where(drop, self.num_classes, y)
+      emb = emb + nn.Embed(self.num_classes + int(null), emb_dim, name="label_emb",
                            embedding_init=nn.initializers.normal(1.0))(y)
 
     h = x.astype(self.dtype)
@@ -299,13 +304,16 @@ def create(image_size: int, num_channels: int, num_res_blocks: int,
                  dropout: float = 0.0, resblock_updown: bool = False,
                  use_fp16: bool = False, use_new_attention_order: bool = False,
                  num_classes: int = NUM_CLASSES, in_channels: int = 3,
-                 dtype: str = "float32", attention_impl: str = "einsum") -> UNetModel:
+                 dtype: str = "float32", attention_impl: str = "einsum",
+                 class_dropout_prob: float = 0.0) -> UNetModel:
   """The ADM UNet exactly as guided-diffusion's `create_model` builds it.
 
   `attention_resolutions` lists resolutions ("32,16,8"); `use_fp16` is accepted for
   argument compatibility and means dtype="bfloat16" here. `in_channels` (3 in the
   reference) allows grey images; `dtype` is the compute dtype; `attention_impl` is
   "einsum" (the reference's arithmetic) or "fused" (`jax.nn.dot_product_attention`).
+  `class_dropout_prob` > 0 (not in the reference) drops training labels to a null class
+  with that probability, for classifier-free guidance; its embedding gets one more row.
   """
   mult = parse_channel_mult(channel_mult, image_size)
   attention_ds = []
@@ -314,6 +322,8 @@ def create(image_size: int, num_channels: int, num_res_blocks: int,
     if res <= 0 or image_size % res:
       raise ValueError(f"attention resolution {res} does not divide image_size={image_size}.")
     attention_ds.append(image_size // res)
+  if not 0 <= class_dropout_prob < 1:
+    raise ValueError(f"class_dropout_prob={class_dropout_prob} is not in [0, 1).")
   if use_fp16:
     dtype = "bfloat16"
   if dtype not in _DTYPES:
@@ -331,6 +341,7 @@ def create(image_size: int, num_channels: int, num_res_blocks: int,
       dropout=dropout,
       channel_mult=mult,
       num_classes=num_classes if class_cond else None,
+      class_dropout_prob=class_dropout_prob,
       use_checkpoint=use_checkpoint,
       dtype=_DTYPES[dtype],
       num_heads=num_heads,
@@ -369,6 +380,7 @@ CONFIG_FIELDS = dict(
     learn_sigma=True,
     class_cond=False,
     num_classes=10,
+    class_dropout_prob=0.0,      # > 0: label dropout to a null class (for guidance)
     dropout=0.0,
     use_checkpoint=False,        # rematerialise blocks to save memory
 )
@@ -393,6 +405,9 @@ def torch_constants(model: UNetModel) -> dict:
 def mismatch_hints(missing, unexpected, wrong_shape) -> list[str]:
   keys = set(missing) | set(unexpected)
   hints = []
+  if "label_emb.weight" in wrong_shape:
+    hints.append("num_classes or class_dropout_prob (a null class adds a row to the label "
+                 "embedding)")
   if "label_emb.weight" in keys:
     hints.append("class_cond (the checkpoint %s a label embedding)" %
                  ("has" if "label_emb.weight" in unexpected else "lacks"))

@@ -34,7 +34,9 @@ class SamplerOptions:
   eta: DDIM's noise scale (0: deterministic). clip_denoised: clip x̂0 to [−1, 1] at every
   step. thresholding: dynamic thresholding of x̂0 instead of clipping. order and
   skip_type: the solvers' order (UniPC 1–3, DPM-Solver++ 2) and time grid ("logSNR" or
-  "time_uniform"); ddpm and ddim leave them at their defaults.
+  "time_uniform"); ddpm and ddim leave them at their defaults. guidance_scale:
+  classifier-free guidance w (1: off; 0: the unconditional model), for class-conditional
+  models trained with label dropout to a null class (see `guided`).
   """
   sampler: str = "ddim"
   steps: int = 50
@@ -43,6 +45,7 @@ class SamplerOptions:
   thresholding: bool = False
   order: int = 2
   skip_type: str = "logSNR"
+  guidance_scale: float = 1.0
 
   @classmethod
   def from_config(cls, sample_config) -> "SamplerOptions":
@@ -71,6 +74,10 @@ class SamplerOptions:
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"config.{field}.{name}={getattr(self, name)!r}: must be True or "
                          "False.")
+    if not (isinstance(self.guidance_scale, (int, float)) and math.isfinite(self.guidance_scale)
+            and self.guidance_scale >= 0):
+      raise ValueError(f"config.{field}.guidance_scale={self.guidance_scale!r}: must be a "
+                       "finite number ≥ 0 (1: no guidance).")
     if self.skip_type not in solvers.SKIP_TYPES:
       raise ValueError(f"config.{field}.skip_type={self.skip_type!r}: choose one of "
                        f"{list(solvers.SKIP_TYPES)}.")
@@ -90,12 +97,28 @@ class SamplerOptions:
     return self
 
   def kwargs(self) -> dict:
-    """`sample()`'s keyword arguments."""
+    """`sample()`'s keyword arguments (guidance is applied to its model_fn: `guided`)."""
     kw = dict(sampler=self.sampler, steps=self.steps, clip_denoised=self.clip_denoised,
               eta=self.eta, thresholding=self.thresholding)
     if self.sampler in solvers.SOLVERS:
       kw.update(order=self.order, skip_type=self.skip_type)
     return kw
+
+
+def guided(model_fn, labels, null_label: int, scale: float, channels: int):
+  """Classifier-free guidance (Ho & Salimans 2022): model_fn(x, t, labels) -> output,
+  evaluated once on the conditional and null-labelled halves of a doubled batch, becomes
+  (x, t) -> u + scale·(c − u) on the first `channels` output channels (the model's own
+  target: ε, x0 or v), with the remaining (learned-variance) channels taken from the
+  conditional half unguided, as DiT does. labels: int32 (B,).
+  """
+  def fn(x, t):
+    out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                   jnp.concatenate([labels, jnp.full_like(labels, null_label)]))
+    cond, uncond = jnp.split(out, 2)
+    mix = uncond[..., :channels] + scale * (cond[..., :channels] - uncond[..., :channels])
+    return jnp.concatenate([mix, cond[..., channels:]], axis=-1)
+  return fn
 
 
 def respacing_for(sampler: str, steps: int, num_timesteps: int) -> str:
@@ -202,6 +225,11 @@ def generate(model, diffusion, params, sample_config, out_dir: str, *, class_con
   from diffusion_jax import reporting  # pylint: disable=import-outside-toplevel
 
   options = SamplerOptions.from_config(sample_config).check()
+  if options.guidance_scale != 1 and not (class_cond and
+                                          getattr(model, "class_dropout_prob", 0) > 0):
+    raise ValueError(f"sample.guidance_scale={options.guidance_scale} needs a "
+                     "class-conditional model trained with label dropout to a null class "
+                     "(model.class_dropout_prob > 0); set guidance_scale=1.")
   mesh = mesh or Mesh(np.array(jax.devices()), ("data",))
   bsz, total = sample_config.batch_size, sample_config.num_samples
   if bsz % mesh.size:
@@ -213,7 +241,11 @@ def generate(model, diffusion, params, sample_config, out_dir: str, *, class_con
   @functools.partial(jax.jit, out_shardings=replicated)
   def run(p, key, labels):
     from diffusion_jax import models  # pylint: disable=import-outside-toplevel
-    fn = models.bind(model, p, labels if class_cond else None)
+    if options.guidance_scale != 1:
+      fn = guided(lambda x, t, y: models.bind(model, p, y)(x, t), labels, num_classes,
+                  options.guidance_scale, image_shape[-1])
+    else:
+      fn = models.bind(model, p, labels if class_cond else None)
     x = sample(diffusion, fn, (bsz,) + tuple(image_shape), key, **options.kwargs())
     x = jax.lax.with_sharding_constraint(x, out_sharding)
     return jnp.clip(jnp.round((x + 1) * 127.5), 0, 255).astype(jnp.uint8)
