@@ -96,6 +96,8 @@ def sample_from_workdir(config, workdir: str) -> dict:
   params = state.ema_params[ema_index(saved, config.sample.ema_rate, "sample.ema_rate")]
   s = config.sample
   guidance = f"_cfg{s.guidance_scale:g}" if s.guidance_scale != 1 else ""
+  if guidance and (s.guidance_t_min, s.guidance_t_max) != (0, 1):
+    guidance += f"_t{s.guidance_t_min:g}-{s.guidance_t_max:g}"
   out_dir = os.fspath(paths.path(workdir) / "samples" / f"{s.sampler}_{s.steps}{guidance}")
   m = config.model
   result = samplers.generate(

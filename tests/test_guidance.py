@@ -42,6 +42,10 @@ def test_guidance_mixes_the_target_channels_and_passes_variance_through():
   np.testing.assert_allclose(got[..., :3], uncond[..., :3] + 3.0 * (cond[..., :3] - uncond[..., :3]),
                              rtol=1e-6)
   np.testing.assert_array_equal(got[..., 3:], cond[..., 3:])
+  # A guidance interval: t = 5 lies outside [5.5, 7], so its example is the conditional one.
+  inside = samplers.guided(model_fn, y, NUM_CLASSES, 3.0, 3, interval=(5.5, 7.0))(x, t)
+  np.testing.assert_array_equal(inside[0], cond[0])
+  np.testing.assert_allclose(inside[1:], got[1:], rtol=1e-6)
 
 
 @pytest.mark.parametrize("sampler,steps", [("ddim", 100), ("unipc", 20)])
@@ -105,6 +109,8 @@ def test_guidance_needs_a_null_class():
                       image_shape=(32, 32, 1), write=False)
   with pytest.raises(ValueError, match=r"guidance_scale=-1.0: must be a finite number ≥ 0"):
     samplers.SamplerOptions(guidance_scale=-1.0).check()
+  with pytest.raises(ValueError, match=r"guidance_t_min=0.5, guidance_t_max=0.2: need 0 ≤"):
+    samplers.SamplerOptions(guidance_t_min=0.5, guidance_t_max=0.2).check()
 
 
 def test_unet_label_dropout_uses_the_null_class_in_training_only():

@@ -100,8 +100,8 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   # How samples are drawn: the fields of sampling.samplers.SamplerOptions (sampler, steps,
-  # eta, clip_denoised, thresholding, order, skip_type, guidance_scale; its docstring says
-  # what each does), then how many, from which EMA, and what is written.
+  # eta, clip_denoised, thresholding, order, skip_type, guidance_scale, guidance_t_min/max;
+  # its docstring says what each does), then how many, from which EMA, and what is written.
   c.sample = ml_collections.ConfigDict(dict(
       **dataclasses.asdict(samplers.SamplerOptions()),
       num_samples=64,

@@ -284,7 +284,8 @@ class Context:
     return {"workdir": r.workdir, "train_step": r.train_step, "ema_rate": self.e.ema_rate,
             "seed": self.e.seed, "order": self.sampling.order,
             "skip_type": self.sampling.skip_type, "thresholding": self.sampling.thresholding,
-            **({"guidance_scale": self.sampling.guidance_scale}
+            **({"guidance": [self.sampling.guidance_scale, self.sampling.guidance_t_min,
+                             self.sampling.guidance_t_max]}
                if self.sampling.guidance_scale != 1 else {}),  # older pieces stay valid
             **more}
 

@@ -36,7 +36,9 @@ class SamplerOptions:
   skip_type: the solvers' order (UniPC 1–3, DPM-Solver++ 2) and time grid ("logSNR" or
   "time_uniform"); ddpm and ddim leave them at their defaults. guidance_scale:
   classifier-free guidance w (1: off; 0: the unconditional model), for class-conditional
-  models trained with label dropout to a null class (see `guided`).
+  models trained with label dropout to a null class (see `guided`), applied only while
+  t/T lies in [guidance_t_min, guidance_t_max] (the guidance interval of Kynkäänniemi et
+  al. 2024; outside it the conditional model alone).
   """
   sampler: str = "ddim"
   steps: int = 50
@@ -46,6 +48,8 @@ class SamplerOptions:
   order: int = 2
   skip_type: str = "logSNR"
   guidance_scale: float = 1.0
+  guidance_t_min: float = 0.0
+  guidance_t_max: float = 1.0
 
   @classmethod
   def from_config(cls, sample_config) -> "SamplerOptions":
@@ -78,6 +82,11 @@ class SamplerOptions:
             and self.guidance_scale >= 0):
       raise ValueError(f"config.{field}.guidance_scale={self.guidance_scale!r}: must be a "
                        "finite number ≥ 0 (1: no guidance).")
+    lo, hi = self.guidance_t_min, self.guidance_t_max
+    if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float))
+            and 0 <= lo < hi <= 1):
+      raise ValueError(f"config.{field}.guidance_t_min={lo!r}, guidance_t_max={hi!r}: "
+                       "need 0 ≤ guidance_t_min < guidance_t_max ≤ 1 (fractions of T).")
     if self.skip_type not in solvers.SKIP_TYPES:
       raise ValueError(f"config.{field}.skip_type={self.skip_type!r}: choose one of "
                        f"{list(solvers.SKIP_TYPES)}.")
@@ -105,18 +114,23 @@ class SamplerOptions:
     return kw
 
 
-def guided(model_fn, labels, null_label: int, scale: float, channels: int):
+def guided(model_fn, labels, null_label: int, scale: float, channels: int,
+           interval: tuple[float, float] | None = None):
   """Classifier-free guidance (Ho & Salimans 2022): model_fn(x, t, labels) -> output,
   evaluated once on the conditional and null-labelled halves of a doubled batch, becomes
   (x, t) -> u + scale·(c − u) on the first `channels` output channels (the model's own
   target: ε, x0 or v), with the remaining (learned-variance) channels taken from the
-  conditional half unguided, as DiT does. labels: int32 (B,).
+  conditional half unguided, as DiT does. labels: int32 (B,). interval: (t_lo, t_hi) on
+  the training scale; outside it (per example) the output is the conditional one.
   """
   def fn(x, t):
     out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
                    jnp.concatenate([labels, jnp.full_like(labels, null_label)]))
     cond, uncond = jnp.split(out, 2)
     mix = uncond[..., :channels] + scale * (cond[..., :channels] - uncond[..., :channels])
+    if interval is not None:
+      inside = (t >= interval[0]) & (t <= interval[1])
+      mix = jnp.where(inside.reshape((-1,) + (1,) * (x.ndim - 1)), mix, cond[..., :channels])
     return jnp.concatenate([mix, cond[..., channels:]], axis=-1)
   return fn
 
@@ -242,8 +256,10 @@ def generate(model, diffusion, params, sample_config, out_dir: str, *, class_con
   def run(p, key, labels):
     from diffusion_jax import models  # pylint: disable=import-outside-toplevel
     if options.guidance_scale != 1:
+      n = diffusion.num_timesteps
       fn = guided(lambda x, t, y: models.bind(model, p, y)(x, t), labels, num_classes,
-                  options.guidance_scale, image_shape[-1])
+                  options.guidance_scale, image_shape[-1],
+                  (options.guidance_t_min * n, options.guidance_t_max * n))
     else:
       fn = models.bind(model, p, labels if class_cond else None)
     x = sample(diffusion, fn, (bsz,) + tuple(image_shape), key, **options.kwargs())
