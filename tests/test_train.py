@@ -217,7 +217,7 @@ def test_bad_input_gives_one_clear_error(tmp_path, monkeypatch):
   blocker.write_text("x")
   with pytest.raises(paths.StorageError, match="not writable"):
     train.train_and_sample(config, str(blocker / "workdir"))
-  monkeypatch.setattr(input_pipeline, "FASHION_MNIST_DIRS", (str(tmp_path / "none"),))
+  monkeypatch.setattr(sources, "FASHION_MNIST_DIRS", (str(tmp_path / "none"),))
   c = tiny_config.get_config()
   c.data.update(dataset="fashion_mnist", data_dir=str(tmp_path / "no_tfds"))
   with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
