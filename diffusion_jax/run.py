@@ -85,10 +85,10 @@ def sample_from_workdir(config, workdir: str) -> dict:
 
   Uses the EMA whose rate is config.sample.ema_rate (-1: the first). Writes into
   WORKDIR/samples/<sampler>_<steps>/ (…_cfg<scale>/ with guidance; see
-  `samplers.generate`) and returns generate's result with "dir" and "files" (the
-  paths written; in a multi-host job every process
-  samples its share of each batch and process 0 writes). Finished batches are kept as
-  they finish, so an interrupted run continues where it stopped when rerun.
+  `samplers.generate`) and returns generate's result with "dir" and "files" (the paths
+  written; in a multi-host job every process samples its share of each batch and
+  process 0 writes). Finished batches are kept as they finish, so an interrupted run
+  continues where it stopped when rerun.
   """
   config_lib.validate_sample_fields(config)
   saved = checkpoints.saved_config_matching(workdir, config)

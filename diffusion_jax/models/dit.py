@@ -190,11 +190,8 @@ class DiT(nn.Module):
     c = _dense(d, "t_embedder.mlp.0", jnp.float32, std=0.02)(c)
     c = _dense(d, "t_embedder.mlp.2", jnp.float32, std=0.02)(nn.silu(c))
     if self.num_classes is not None:
-      null = self.class_dropout_prob > 0
-      if train and null:
-        drop = jax.random.uniform(self.make_rng("dropout"), y.shape) < self.class_dropout_prob
-        y = jnp.where(drop, self.num_classes, y)
-      c = c + nn.Embed(self.num_classes + int(null), d, name="y_embedder.embedding_table",
+      y = layers.drop_labels(self, y, self.num_classes, self.class_dropout_prob, train)
+      c = c + nn.Embed(self.num_classes + int(self.class_dropout_prob > 0), d, name="y_embedder.embedding_table",
                        embedding_init=nn.initializers.normal(0.02))(y)
 
     for i in range(self.depth):

@@ -217,3 +217,13 @@ def _softmax_attention_bwd(res, d_out):
 
 
 softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+
+
+def drop_labels(module: nn.Module, labels, num_classes: int, prob: float, train: bool):
+  """Class labels int (B,), each replaced by the null class `num_classes` with
+  probability `prob` in training (rng "dropout"): classifier-free guidance's label
+  dropout. Unchanged outside training or when prob is 0."""
+  if not (train and prob > 0):
+    return labels
+  drop = jax.random.uniform(module.make_rng("dropout"), labels.shape) < prob
+  return jnp.where(drop, num_classes, labels)

@@ -205,11 +205,8 @@ class UNetModel(nn.Module):
     emb = _dense(emb_dim, "time_embed.0", jnp.float32)(emb)
     emb = _dense(emb_dim, "time_embed.2", jnp.float32)(nn.silu(emb))
     if self.num_classes is not None:
-      null = self.class_dropout_prob > 0  # for classifier-free guidance, as DiT's
-      if train and null:
-        drop = jax.random.uniform(self.make_rng("dropout"), y.shape) < self.class_dropout_prob
-        y = jnp.where(drop, self.num_classes, y)
-      emb = emb + nn.Embed(self.num_classes + int(null), emb_dim, name="label_emb",
+      y = layers.drop_labels(self, y, self.num_classes, self.class_dropout_prob, train)
+      emb = emb + nn.Embed(self.num_classes + int(self.class_dropout_prob > 0), emb_dim, name="label_emb",
                            embedding_init=nn.initializers.normal(1.0))(y)
 
     h = x.astype(self.dtype)
