@@ -14,6 +14,7 @@ import jax
 import ml_collections
 import optax
 
+from diffusion_jax import ema
 from diffusion_jax import models
 from diffusion_jax.core import diffusion as diffusion_lib
 from diffusion_jax.core import objective as objective_lib
@@ -58,6 +59,19 @@ def int_list(text: str, field: str) -> list[int]:
   return sorted(set(values))
 
 
+def float_list(text: str, field: str) -> list[float]:
+  """'1,1.5,4' -> [1.0, 1.5, 4.0] (sorted, unique; may be empty); ConfigError names
+  `field` otherwise."""
+  try:
+    values = [float(v) for v in str(text).split(",") if v.strip()]
+  except ValueError:
+    raise ConfigError(f"config.{field}={text!r}: expected comma-separated numbers, e.g. "
+                      "'1,1.5,4'.") from None
+  if not all(math.isfinite(v) for v in values):
+    raise ConfigError(f"config.{field}={text!r}: every value must be finite.")
+  return sorted(set(values))
+
+
 def name_list(text: str) -> list[str]:
   return [v.strip() for v in str(text).split(",") if v.strip()]
 
@@ -85,6 +99,10 @@ def validate_sample_fields(config) -> None:
     _require(isinstance(s[name], int) and s[name] >= 1, f"sample.{name}", s[name],
              "must be a positive integer")
   _ema_choice(s.ema_rate, "sample.ema_rate")
+  _require(s.get("posthoc_ema", 0) == 0 or 0 < s.posthoc_ema < ema.MAX_SIGMA_REL,
+           "sample.posthoc_ema", s.get("posthoc_ema"),
+           f"0 (off) or a σ_rel in (0, {ema.MAX_SIGMA_REL:.4f}) reconstructed by "
+           "--mode=posthoc_ema")
 
 
 def validate_eval_fields(config) -> None:
@@ -99,6 +117,11 @@ def validate_eval_fields(config) -> None:
   _require(bool(name_list(e.analyses)), "eval.analyses", e.analyses,
            "name at least one analysis, e.g. 'fid_vs_steps'")
   options = samplers.SamplerOptions.from_config(config.sample)
+  for scale in float_list(e.guidance_scales, "eval.guidance_scales"):
+    _require(scale >= 0, "eval.guidance_scales", e.guidance_scales, "scales must be ≥ 0")
+  for sigma_rel in float_list(e.posthoc_ema, "eval.posthoc_ema"):
+    _require(0 < sigma_rel < ema.MAX_SIGMA_REL, "eval.posthoc_ema", e.posthoc_ema,
+             f"σ_rel values in (0, {ema.MAX_SIGMA_REL:.4f})")
   for sampler in name_list(e.samplers) + [e.colour_sampler]:
     _require(sampler in samplers.SAMPLERS, "eval.samplers/colour_sampler", sampler,
              f"choose from {list(samplers.SAMPLERS)}")
@@ -232,6 +255,14 @@ def _validate(config, num_devices: int | None) -> None:
   if not config.optim.ema_rates or any(not 0 <= r < 1 for r in config.optim.ema_rates):
     raise ValueError(f"optim.ema_rates={config.optim.ema_rates} must be a non-empty list "
                      "of rates in [0, 1).")
+  stds = config.train.get("posthoc_ema", ())
+  if len(set(stds)) != len(stds) or any(not 0 < s < ema.MAX_SIGMA_REL for s in stds):
+    raise ValueError(f"train.posthoc_ema={stds}: distinct σ_rel values in "
+                     f"(0, {ema.MAX_SIGMA_REL:.4f}), e.g. (0.05, 0.1); () for none.")
+  every = config.train.get("posthoc_ema_every", 0)
+  if not isinstance(every, int) or every < 0:
+    raise ValueError(f"train.posthoc_ema_every={every!r}: steps between snapshots, ≥ 0 "
+                     "(0: train.checkpoint_every).")
 
 
 def build_model(config):
@@ -289,11 +320,13 @@ def build(config) -> Components:
 class TrainSettings(NamedTuple):
   """The training step's settings beyond the built components.
 
-  ema_rates: one EMA copy per rate; grad_accum_steps: micro-batches per step;
+  ema_rates: one EMA copy per rate; posthoc_gammas: one power-function EMA per
+  exponent, after those (ema.py); grad_accum_steps: micro-batches per step;
   class_cond: whether batches' labels reach the model; seed: the state's base RNG;
   learning_rate: the optimiser's schedule (step -> lr), logged with each step.
   """
   ema_rates: tuple
+  posthoc_gammas: tuple
   grad_accum_steps: int
   class_cond: bool
   seed: int
@@ -302,6 +335,8 @@ class TrainSettings(NamedTuple):
 
 def train_settings(config) -> TrainSettings:
   return TrainSettings(ema_rates=tuple(float(r) for r in config.optim.ema_rates),
+                       posthoc_gammas=tuple(ema.sigma_rel_to_gamma(s)
+                                            for s in config.train.get("posthoc_ema", ())),
                        grad_accum_steps=int(config.optim.grad_accum_steps),
                        class_cond=bool(config.model.class_cond), seed=int(config.train.seed),
                        learning_rate=learning_rate_schedule(config))
@@ -311,8 +346,9 @@ class LoopSettings(NamedTuple):
   """The training loop's settings: num_steps (the run's end), resume_step (-1: the
   latest checkpoint), log_every / checkpoint_every / sample_every (steps; 0: no grids),
   nan_policy ("halt" or "skip"), batch_size (global images per step), prefetch
-  (batches), classifier (score the final samples' recognisability), and
-  compilation_cache_dir ("" = WORKDIR/compilation_cache, "none" = off)."""
+  (batches), classifier (score the final samples' recognisability),
+  compilation_cache_dir ("" = WORKDIR/compilation_cache, "none" = off), and
+  posthoc_ema_every (steps between post-hoc EMA snapshots)."""
   num_steps: int
   resume_step: int
   log_every: int
@@ -323,6 +359,7 @@ class LoopSettings(NamedTuple):
   prefetch: int
   classifier: bool
   compilation_cache_dir: str
+  posthoc_ema_every: int
 
 
 class Training(NamedTuple):
@@ -344,7 +381,8 @@ def training(config) -> Training:
       checkpoint_every=int(t.checkpoint_every), sample_every=int(t.sample_every),
       nan_policy=t.nan_policy, batch_size=int(config.data.batch_size),
       prefetch=int(config.data.prefetch), classifier=bool(config.eval.classifier),
-      compilation_cache_dir=t.compilation_cache_dir)
+      compilation_cache_dir=t.compilation_cache_dir,
+      posthoc_ema_every=int(t.get("posthoc_ema_every", 0) or t.checkpoint_every))
   return Training(build(config), train_settings(config), loop, as_json_dict(config))
 
 
@@ -372,7 +410,7 @@ def as_json_dict(config) -> dict:
 # Fields that change what a checkpoint means or its structure.
 CHECKPOINT_FIELDS = {"model": None,
                      "diffusion": ("schedule", "num_timesteps", "target", "var_type"),
-                     "optim": ("ema_rates",)}
+                     "optim": ("ema_rates",), "train": ("posthoc_ema",)}
 
 
 # Fields that define the training objective: changing them on resume is deliberate only.

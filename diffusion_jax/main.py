@@ -14,7 +14,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-MODES = ("train", "sample", "evaluate", "compare", "prepare", "convert")
+MODES = ("train", "sample", "evaluate", "compare", "prepare", "convert", "posthoc_ema")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -50,7 +50,7 @@ def main(argv):
   user_errors = (config_lib.ConfigError, paths.StorageError, workdir_lock.WorkdirLockedError,
                  checkpoints.CheckpointSaveError, checkpoints.CheckpointConfigError,
                  checkpoints.NoCheckpointError, sources.DataError)
-  if FLAGS.mode in ("convert", "evaluate", "compare", "sample", "prepare"):
+  if FLAGS.mode in ("convert", "evaluate", "compare", "sample", "prepare", "posthoc_ema"):
     # bad files, fields or checkpoints; an output that already exists
     user_errors += (ValueError, FileNotFoundError, FileExistsError)
   if FLAGS.mode == "sample":  # stop between batches, as Ctrl-C does, and say what is kept
@@ -181,6 +181,17 @@ def _run_mode():
     print(f"Prepared {summary['num_records']} images at {config.data.image_size}px into "
           f"{config.data.data_dir}" + (f" and {held} held out as split 'test'" if held else "")
           + f"; skipped {summary['num_skipped']} unreadable file(s).")
+  elif FLAGS.mode == "posthoc_ema":
+    from diffusion_jax import run  # pylint: disable=import-outside-toplevel
+    if not config.sample.posthoc_ema:
+      raise app.UsageError("--mode=posthoc_ema needs --config.sample.posthoc_ema=SIGMA_REL "
+                           "(e.g. 0.075): the EMA length to reconstruct.")
+    out = run.reconstruct_posthoc_ema(FLAGS.workdir, config.sample.posthoc_ema)
+    if _is_primary():
+      print(f"Post-hoc EMA σ_rel={config.sample.posthoc_ema:g} at step {out['step']} from "
+            f"{len(out['snapshots'])} snapshots (profile fit error {out['fit_error']:.2%}) "
+            f"→ {out['path']}\n  sample it with --mode=sample "
+            f"--config.sample.posthoc_ema={config.sample.posthoc_ema:g}")
   elif FLAGS.mode == "convert":
     if not FLAGS.checkpoint:
       raise app.UsageError("--mode=convert needs --checkpoint=PATH (.pt, .safetensors, .npz).")

@@ -14,6 +14,7 @@ import ml_collections
 
 from diffusion_jax import checkpoints
 from diffusion_jax import config_lib
+from diffusion_jax import ema
 from diffusion_jax import models
 from diffusion_jax import paths
 from diffusion_jax import state as state_lib
@@ -41,6 +42,28 @@ def ema_index(saved_config, rate: float, field: str = "ema_rate") -> int:
   return rates.index(rate)
 
 
+def _abstract_params(saved_config):
+  return state_lib.abstract_state(config_lib.build(saved_config),
+                                  config_lib.train_settings(saved_config)).params
+
+
+def _posthoc_profiles(saved_config, workdir: str) -> tuple:
+  stds = tuple(saved_config.train.get("posthoc_ema", ()))
+  if not stds:
+    raise ValueError(f"{workdir} was trained without train.posthoc_ema, so it has no "
+                     "snapshots to reconstruct from; train with e.g. "
+                     "--config.train.posthoc_ema='(0.05, 0.1)'.")
+  return stds
+
+
+def reconstruct_posthoc_ema(workdir: str, sigma_rel: float) -> dict:
+  """--mode=posthoc_ema: the post-hoc EMA of `sigma_rel` at the run's last snapshot,
+  written where sample.posthoc_ema finds it (ema.reconstruct; returns its summary)."""
+  saved = checkpoints.saved_config(workdir)
+  return ema.reconstruct(workdir, _posthoc_profiles(saved, workdir), _abstract_params(saved),
+                         sigma_rel)
+
+
 @dataclasses.dataclass
 class Run:
   """One trained model: the EMA params of one checkpoint and its saved config."""
@@ -63,6 +86,14 @@ class Run:
   def objective(self):
     return config_lib.build_objective(self.config, self.diffusion)
 
+  def with_posthoc_ema(self, sigma_rel: float) -> tuple["Run", dict]:
+    """This run with the post-hoc EMA of `sigma_rel` (at its last snapshot, reconstructed
+    in memory) as its params, and the reconstruction's summary (ema.reconstruct_params)."""
+    params, summary = ema.reconstruct_params(
+        self.workdir, _posthoc_profiles(self.config, self.workdir),
+        _abstract_params(self.config), sigma_rel)
+    return dataclasses.replace(self, params=params, train_step=summary["step"]), summary
+
   def model_fn(self, labels=None):
     """model_fn(x, t) of this run's params (labels: (B,) int32 for a class-conditional
     model, else None)."""
@@ -83,29 +114,36 @@ def open_run(workdir: str, label: str = "", ema_rate: float = -1,
 def sample_from_workdir(config, workdir: str) -> dict:
   """--mode=sample: config.sample's sampler on the latest checkpoint's EMA params.
 
-  Uses the EMA whose rate is config.sample.ema_rate (-1: the first). Writes into
-  WORKDIR/samples/<sampler>_<steps>/ (…_cfg<scale>/ with guidance; see
-  `samplers.generate`) and returns generate's result with "dir" and "files" (the paths
+  Uses the EMA whose rate is config.sample.ema_rate (-1: the first), or the post-hoc EMA
+  of σ_rel config.sample.posthoc_ema when it is not 0. Writes into
+  WORKDIR/samples/<sampler>_<steps>/ (…_cfg<scale> with guidance, …_churn<S_churn>,
+  …_phema<σ_rel>; see `samplers.generate`) and returns generate's result with "dir" and "files" (the paths
   written; in a multi-host job every process samples its share of each batch and
   process 0 writes). Finished batches are kept as they finish, so an interrupted run
   continues where it stopped when rerun.
   """
   config_lib.validate_sample_fields(config)
   saved = checkpoints.saved_config_matching(workdir, config)
-  state = load_checkpoint(workdir)
-  params = state.ema_params[ema_index(saved, config.sample.ema_rate, "sample.ema_rate")]
   s = config.sample
-  guidance = f"_cfg{s.guidance_scale:g}" if s.guidance_scale != 1 else ""
-  if guidance and (s.guidance_t_min, s.guidance_t_max) != (0, 1):
-    guidance += f"_t{s.guidance_t_min:g}-{s.guidance_t_max:g}"
-  out_dir = os.fspath(paths.path(workdir) / "samples" / f"{s.sampler}_{s.steps}{guidance}")
+  if s.posthoc_ema:
+    params, step = ema.load_reconstructed(workdir, s.posthoc_ema, _abstract_params(saved))
+  else:
+    state = load_checkpoint(workdir)
+    params = state.ema_params[ema_index(saved, s.ema_rate, "sample.ema_rate")]
+    step = int(state.step)
+  suffix = f"_cfg{s.guidance_scale:g}" if s.guidance_scale != 1 else ""
+  if suffix and (s.guidance_t_min, s.guidance_t_max) != (0, 1):
+    suffix += f"_t{s.guidance_t_min:g}-{s.guidance_t_max:g}"
+  suffix += (f"_churn{s.s_churn:g}" if s.s_churn else "") + (
+      f"_phema{s.posthoc_ema:g}" if s.posthoc_ema else "")
+  out_dir = os.fspath(paths.path(workdir) / "samples" / f"{s.sampler}_{s.steps}{suffix}")
   m = config.model
   result = samplers.generate(
       config_lib.build_model(config), config_lib.build_diffusion(config), params, s, out_dir,
       class_cond=m.class_cond, num_classes=m.num_classes,
       image_shape=(m.image_size, m.image_size, m.in_channels),
       write=jax.process_index() == 0,
-      resume_key=f"step {int(state.step)} {config_lib.to_json(config.sample)} "
+      resume_key=f"step {step} {config_lib.to_json(config.sample)} "
                  f"{config_lib.to_json(config.model)}")
   result["dir"] = out_dir
   result["files"] = [os.fspath(paths.path(out_dir) / "samples_grid.png")] + (

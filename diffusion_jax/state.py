@@ -27,7 +27,8 @@ class TrainState:
   """Everything a step reads and writes; all leaves are arrays (checkpointed whole).
 
   step: int32 scalar, steps taken. rng: uint32 (2,) base key, folded with the step.
-  ema_params: one params pytree per config.optim.ema_rates entry, in that order.
+  ema_params: one params pytree per config.optim.ema_rates entry, in that order, then one
+  per config.train.posthoc_ema entry (power-function EMAs, ema.py).
   objective_state: the objective's state (objective.Objective.init): the timestep
   density's loss history and any stateful weighting's state. nonfinite_steps: int32
   count of steps whose update was dropped for a NaN/Inf loss, gradient or learning rate.
@@ -98,7 +99,7 @@ def init_state(components: config_lib.Components, settings: config_lib.TrainSett
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
-      ema_params=[params for _ in settings.ema_rates],
+      ema_params=[params for _ in settings.ema_rates + settings.posthoc_gammas],
       opt_state=components.tx.init(params),
       rng=jax.random.key_data(jax.random.PRNGKey(settings.seed)),
       objective_state=components.objective.init(key),

@@ -148,7 +148,7 @@ def test_compare_refuses_a_run_with_another_weighting(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("eval.samplers", "ddim,euler", "'euler': choose from"),
+    ("eval.samplers", "ddim,lms", "'lms': choose from"),
     ("eval.steps", "10,x", "comma-separated positive integers"),
     ("eval.colour_steps", "0,2", "comma-separated positive integers"),
     ("eval.num_samples", 2, "must exceed 3"),
@@ -369,3 +369,29 @@ def test_a_toy_analysis_added_from_a_test_runs_by_name_and_in_order(tmp_path):
   with pytest.raises(ValueError, match=r"unknown analysis 'x0_eror'; choose from \[.*"
                                        r"'x0_error'.*'toy_count'"):
     evaluate.validate_eval_config(config)
+
+
+@pytest.mark.slow  # one tiny class-conditional training, then 5 FID points (~2 min)
+def test_fid_sweeps_over_guidance_scale_and_posthoc_ema_length(tmp_path):
+  config = _tiny_eval_config()
+  config.model.update(class_cond=True, num_classes=10, class_dropout_prob=0.2)
+  config.train.update(posthoc_ema=(0.05, 0.1), posthoc_ema_every=2)
+  config.eval.update(analyses="fid_vs_steps,fid_vs_guidance,fid_vs_ema_length", steps="3",
+                     guidance_scales="1,3", posthoc_ema="0.05,0.08,0.15")
+  workdir = str(tmp_path / "run")
+  train.train_and_sample(config, workdir)
+  report = evaluate.evaluate_workdir(config, workdir)
+  label = next(iter(report["runs"]))
+  guidance = report["fid_vs_guidance"]["values"][label]
+  ema_length = report["fid_vs_ema_length"]["values"][label]
+  assert sorted(guidance) == ["1", "3"] and sorted(ema_length) == ["0.05", "0.08", "0.15"]
+  # Scale 1 is the unguided sample: the same FID as fid_vs_steps' point.
+  assert guidance["1"]["fid"] == report["fid_vs_steps"][label]["ddim"][3]["fid"]
+  assert guidance["3"]["fid"] != guidance["1"]["fid"]
+  assert len({round(m["fid"], 6) for m in ema_length.values()}) == 3
+  assert ema_length["0.08"]["posthoc_ema"]["snapshots"] == [2, 4, 6]
+  for name in ("fid_vs_guidance.png", "fid_vs_ema_length.png"):
+    assert _is_png(os.path.join(workdir, "eval", name))
+  md = open(os.path.join(workdir, "eval", "report.md"), encoding="utf-8").read()
+  assert "## FID against classifier-free guidance scale (ddim-3)" in md
+  assert "## FID against post-hoc EMA length σ_rel (ddim-3)" in md

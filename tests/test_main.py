@@ -9,7 +9,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize("override, field", [
     ("--config.train.keep_checkpoints=0", "keep_checkpoints"),
     ("--config.optim.lr=0", "optim.lr"),
-    ("--config.sample.sampler=euler", "sample.sampler")])
+    ("--config.sample.sampler=lms", "sample.sampler")])
 def test_work_losing_configs_fail_at_once_with_exit_code_2(override, field, tmp_path):
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel

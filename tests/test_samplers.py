@@ -93,8 +93,8 @@ def _single_step_check(kind, dtype, rtol):
 
 def test_bad_sampler_arguments():
   diff = _diffusion()
-  with pytest.raises(ValueError, match="'dpm_solver\\+\\+', 'unipc'"):
-    samplers.sample(diff, exact_model(diff), SHAPE, jax.random.PRNGKey(0), sampler="euler")
+  with pytest.raises(ValueError, match="'dpm_solver\\+\\+', 'unipc', 'euler', 'heun'"):
+    samplers.sample(diff, exact_model(diff), SHAPE, jax.random.PRNGKey(0), sampler="lms")
   with pytest.raises(ValueError, match="steps=0"):
     samplers.sample(diff, exact_model(diff), SHAPE, jax.random.PRNGKey(0), steps=0)
 

@@ -97,16 +97,22 @@ def get_config() -> ml_collections.ConfigDict:
       allow_objective_change=False,  # resume under another weighting/loss/t-sampler
       compilation_cache_dir="",    # JAX's persistent cache; "" = WORKDIR/compilation_cache,
                                    # "none" = off (gs:// allowed)
+      posthoc_ema=(),              # σ_rel of power-function EMAs kept for post-hoc EMA
+                                   # (EDM2: (0.05, 0.1)); see diffusion_jax/ema.py
+      posthoc_ema_every=0,         # steps between their snapshots (0: checkpoint_every)
   ))
 
   # How samples are drawn: the fields of sampling.samplers.SamplerOptions (sampler, steps,
-  # eta, clip_denoised, thresholding, order, skip_type, guidance_scale, guidance_t_min/max;
+  # eta, clip_denoised, thresholding, order, skip_type, guidance_scale, guidance_t_min/max,
+  # s_churn/s_tmin/s_tmax/s_noise;
   # its docstring says what each does), then how many, from which EMA, and what is written.
   c.sample = ml_collections.ConfigDict(dict(
       **dataclasses.asdict(samplers.SamplerOptions()),
       num_samples=64,
       batch_size=64,
       ema_rate=-1.0,               # which EMA to sample (-1: the first)
+      posthoc_ema=0.0,             # σ_rel of a post-hoc EMA (--mode=posthoc_ema) to sample
+                                   # instead (0: off)
       seed=0,
       save_npz=True,
       save_individual=False,
@@ -129,9 +135,12 @@ def get_config() -> ml_collections.ConfigDict:
       x0_num_examples=512,
       x0_buckets=10,               # timestep buckets
       # What to compute, in order (diffusion_jax/evaluation/analyses.py); add
-      # fid_vs_train_step for FID against training step over every checkpoint.
+      # fid_vs_train_step for FID against training step over every checkpoint,
+      # fid_vs_guidance and fid_vs_ema_length for the sweeps below.
       analyses="weight_curve,x0_error,colour_shift,fid_vs_steps,training",
       train_curve_steps=20,        # sampling steps of fid_vs_train_step (first sampler)
+      guidance_scales="1,1.5,2,4",  # fid_vs_guidance: classifier-free guidance scales
+      posthoc_ema="0.03,0.05,0.08,0.1,0.15",  # fid_vs_ema_length: post-hoc EMA σ_rel
       ema_rate=-1.0,               # which EMA to evaluate (-1: the first)
       classifier=False,            # score samples with a small classifier of the labelled
                                    # data (≤ 64 px): recognisable fraction, class histogram

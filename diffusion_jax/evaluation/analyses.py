@@ -5,6 +5,8 @@
   colour_shift       channel mean and std of few-step samples against the data
   fid_vs_steps       FID, sFID, precision/recall (and recognisability) per sampler and steps
   fid_vs_train_step  FID of every checkpoint at config.eval.train_curve_steps
+  fid_vs_guidance    FID against classifier-free guidance scale (eval.guidance_scales)
+  fid_vs_ema_length  FID against post-hoc EMA length σ_rel (eval.posthoc_ema)
   training           gradient noise and loss per quarter of t, from metrics.jsonl
 """
 from __future__ import annotations
@@ -239,6 +241,83 @@ class FidVsTrainStep(Analysis):
     return {"fid_vs_train_step": plots.plot_fid_vs_train_step(
         section["curve"], ctx.out / "fid_vs_train_step.png",
         f"{section['sampler']}-{section['steps']}")}
+
+
+class _Sweep(Analysis):
+  """FID against one setting (`field`, a config.eval list of numbers), with the first of
+  eval.samplers at the last of eval.steps."""
+  field, xlabel = "", ""
+
+  def values(self, ctx) -> list[float]:
+    return config_lib.float_list(ctx.e[self.field], f"eval.{self.field}")
+
+  def _point(self, ctx):
+    return _names(ctx.e.samplers)[0], _ints(ctx.e.steps, "eval.steps")[-1]
+
+  def plan(self, ctx):
+    e, (_, steps) = ctx.e, self._point(ctx)
+    return {f"{self.name}/{r.label}/{v:g}": (e.num_samples * steps, e.num_samples)
+            for r in ctx.runs for v in self.values(ctx)}
+
+  def quality(self, ctx, r, value, sampler, steps) -> dict:
+    """The quality metrics (ctx.quality) of run `r` at setting `value`."""
+    raise NotImplementedError
+
+  def compute(self, ctx):
+    sampler, steps = self._point(ctx)
+    tqdm.write(f"FID against {self.xlabel}: {ctx.e.num_samples} {sampler}-{steps} samples "
+               "per point")
+    section = {"sampler": sampler, "steps": steps, "values": {}}
+    for r in ctx.runs:
+      section["values"][r.label] = {}
+      for v in self.values(ctx):
+        value, _ = ctx.piece(
+            f"{self.name}/{r.label}/{v:g}",
+            {**ctx.settings(r, sampler=sampler, steps=steps, **ctx.quality_settings),
+             self.field: v},
+            lambda r=r, v=v: (self.quality(ctx, r, v, sampler, steps), None))
+        section["values"][r.label][f"{v:g}"] = value
+        tqdm.write(f"  {r.label} {self.field}={v:g}: FID {value['fid']:.2f}")
+        ctx.publish(section)
+    return section
+
+  def plot(self, section, ctx):
+    series = {label: {float(v): m for v, m in per_value.items()}
+              for label, per_value in section["values"].items()}
+    return {self.name: plots.plot_fid_against(
+        series, ctx.out / f"{self.name}.png", self.xlabel,
+        f"{ctx.model_title}: {section['sampler']}-{section['steps']}")}
+
+  def report(self, section, ctx):
+    values = [f"{v:g}" for v in self.values(ctx)]
+    lines = [f"## FID against {self.xlabel} ({section['sampler']}-{section['steps']})", "",
+             "| run | metric | " + " | ".join(values) + " |", "|---" * (len(values) + 2) + "|"]
+    for label, row in section["values"].items():
+      lines.append(f"| {label} | FID | " + " | ".join(_fmt(row[v]["fid"]) for v in values)
+                   + " |")
+      lines.append(f"| {label} | sFID | "
+                   + " | ".join(_fmt(row[v].get("sfid")) for v in values) + " |")
+      if "recognisable" in row[values[0]]:
+        lines.append(f"| {label} | recognisable | " + " | ".join(
+            _fmt(row[v]["recognisable"]["confident_fraction"]) for v in values) + " |")
+    return lines + [""]
+
+
+@register("fid_vs_guidance")
+class FidVsGuidance(_Sweep):
+  field, xlabel = "guidance_scales", "classifier-free guidance scale"
+
+  def quality(self, ctx, r, value, sampler, steps):
+    return ctx.quality(r, sampler, steps, guidance_scale=value)
+
+
+@register("fid_vs_ema_length")
+class FidVsEmaLength(_Sweep):
+  field, xlabel = "posthoc_ema", "post-hoc EMA length σ_rel"
+
+  def quality(self, ctx, r, value, sampler, steps):
+    posthoc, summary = r.with_posthoc_ema(value)
+    return {**ctx.quality(posthoc, sampler, steps), "posthoc_ema": summary}
 
 
 def training_statistics(workdir: str, last_fraction: float = 0.25) -> dict:

@@ -287,6 +287,8 @@ class Context:
             **({"guidance": [self.sampling.guidance_scale, self.sampling.guidance_t_min,
                              self.sampling.guidance_t_max]}
                if self.sampling.guidance_scale != 1 else {}),  # older pieces stay valid
+            **({"churn": [self.sampling.s_churn, self.sampling.s_tmin, self.sampling.s_tmax,
+                          self.sampling.s_noise]} if self.sampling.s_churn != 0 else {}),
             **more}
 
   def piece(self, name: str, settings: dict, compute):
@@ -305,15 +307,19 @@ class Context:
   def data_images(self, num: int, seed: int, split: str | None = None):
     return data_images(self.runs[0].config.data, num, seed, split)
 
-  def sample(self, r: run_lib.Run, sampler: str, steps: int, num: int) -> np.ndarray:
-    return sample_images(r, self.sampling.with_sampler(sampler, steps), num,
-                         self.e.batch_size, self.e.seed)
+  def sample(self, r: run_lib.Run, sampler: str, steps: int, num: int,
+             **options) -> np.ndarray:
+    """`num` samples with config.sample's settings for `sampler` and `steps`, and any
+    other SamplerOptions field in `options` (e.g. guidance_scale)."""
+    return sample_images(r, dataclasses.replace(self.sampling.with_sampler(sampler, steps),
+                                                **options),
+                         num, self.e.batch_size, self.e.seed)
 
-  def quality(self, r: run_lib.Run, sampler: str, steps: int) -> dict:
+  def quality(self, r: run_lib.Run, sampler: str, steps: int, **options) -> dict:
     """FID, sFID, precision/recall, static fraction (and recognisability) of
-    eval.num_samples samples."""
-    return _quality(self.sample(r, sampler, steps, self.e.num_samples), self.inception,
-                    self.reference, self.classifier)
+    eval.num_samples samples (`options` as for `sample`)."""
+    return _quality(self.sample(r, sampler, steps, self.e.num_samples, **options),
+                    self.inception, self.reference, self.classifier)
 
 
 def evaluate_runs(runs: list[run_lib.Run], config, out_dir: str, cache_dir: str,

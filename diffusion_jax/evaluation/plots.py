@@ -132,39 +132,48 @@ def plot_colour_stats(tables: dict[str, dict], path: str) -> str:
 def plot_fid_vs_steps(results: dict[str, dict[str, dict[int, dict]]], path: str,
                       model: str = "") -> str:
   """results[label][sampler][steps] = metrics dict (with "fid", "n_samples", optional
-  "sfid"). FID and sFID on separate axes; a series of at most 3 points is drawn as
-  labelled markers (a line through so few points suggests a trend it cannot show).
-  The title names `model` (e.g. "adm_unet, fashion_mnist 32 px, step 2400"), the
-  samplers and the sample count."""
+  "sfid"), on a log axis of steps. The title names `model` (e.g. "adm_unet,
+  fashion_mnist 32 px, step 2400"), the samplers and the sample count."""
+  series = {f"{label} ({sampler})": per_steps for label, per_sampler in results.items()
+            for sampler, per_steps in per_sampler.items()}
+  samplers = sorted({sampler for r in results.values() for sampler in r})
+  return plot_fid_against(series, path, "sampling steps",
+                          f"{model + ': ' if model else ''}{', '.join(samplers)}",
+                          log_steps=True)
+
+
+def plot_fid_against(series: dict[str, dict[float, dict]], path: str, xlabel: str,
+                     title: str, log_steps: bool = False) -> str:
+  """series[legend][x] = metrics dict (with "fid", "n_samples", optional "sfid"): FID and
+  sFID against x on separate axes. A series of at most 3 points is drawn as labelled
+  markers (a line through so few points suggests a trend it cannot show). The title
+  gets the sample count appended."""
   plt = _pyplot()
-  has_sfid = any("sfid" in m for r in results.values() for s in r.values() for m in s.values())
+  has_sfid = any("sfid" in m for per_x in series.values() for m in per_x.values())
   metrics = ("fid", "sfid") if has_sfid else ("fid",)
   fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
-  counts, samplers, all_steps = set(), set(), set()
-  for label, per_sampler in results.items():
-    for sampler, per_steps in per_sampler.items():
-      steps = sorted(per_steps)
-      all_steps.update(steps)
-      samplers.add(sampler)
-      counts.update(per_steps[s]["n_samples"] for s in steps)
-      for ax, key in zip(axes[0], metrics):
-        values = [per_steps[s][key] for s in steps]
-        few = len(steps) <= 3
-        line, = ax.plot(steps, values, marker="o", linestyle="none" if few else "-",
-                        label=f"{label} ({sampler})")
-        if few:
-          for s, v in zip(steps, values):
-            ax.annotate(f"{v:.1f}", (s, v), textcoords="offset points", xytext=(6, 4),
-                        fontsize=8, color=line.get_color())
+  counts, all_x = set(), set()
+  for legend, per_x in series.items():
+    xs = sorted(per_x)
+    all_x.update(xs)
+    counts.update(per_x[x]["n_samples"] for x in xs)
+    for ax, key in zip(axes[0], metrics):
+      values = [per_x[x][key] for x in xs]
+      few = len(xs) <= 3
+      line, = ax.plot(xs, values, marker="o", linestyle="none" if few else "-", label=legend)
+      if few:
+        for x, v in zip(xs, values):
+          ax.annotate(f"{v:.1f}", (x, v), textcoords="offset points", xytext=(6, 4),
+                      fontsize=8, color=line.get_color())
   for ax, key in zip(axes[0], metrics):
-    _step_ticks(ax, sorted(all_steps))
-    ax.set(xlabel="sampling steps", ylabel=key.upper().replace("SFID", "sFID"))
+    if log_steps:
+      _step_ticks(ax, sorted(all_x))
+    ax.set(xlabel=xlabel, ylabel=key.upper().replace("SFID", "sFID"))
     ax.margins(x=0.12, y=0.15)  # room for the value labels at the edges
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   n = "/".join(str(c) for c in sorted(counts))
-  fig.suptitle(f"{model + ': ' if model else ''}{', '.join(sorted(samplers))}, "
-               f"{n} samples per point", fontsize=10)
+  fig.suptitle(f"{title}, {n} samples per point", fontsize=10)
   return _save(fig, path)
 
 

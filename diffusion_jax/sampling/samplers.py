@@ -1,7 +1,8 @@
-"""Samplers: DDPM, DDIM, DPM-Solver++ and UniPC, each one compiled loop.
+"""Samplers: DDPM, DDIM, DPM-Solver++, UniPC, and EDM's Euler and Heun, each one
+compiled loop.
 
-DDPM and DDIM respace the diffusion (guided-diffusion semantics); the solvers live in
-`solvers.py` and call the network at fractional timesteps.
+DDPM and DDIM respace the diffusion (guided-diffusion semantics); the solvers
+(`solvers.py`) and EDM's samplers (`edm.py`) call the network at fractional timesteps.
 
 `model_fn(x, t)` receives t on the training scale [0, T) (integers here), and returns
 the network output (C or 2C channels); class labels and guidance are closed over by
@@ -19,9 +20,10 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.core.diffusion import GaussianDiffusion
+from diffusion_jax.sampling import edm
 from diffusion_jax.sampling import solvers
 
-SAMPLERS = ("ddpm", "ddim") + solvers.SOLVERS
+SAMPLERS = ("ddpm", "ddim") + solvers.SOLVERS + edm.EDM_SAMPLERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +32,8 @@ class SamplerOptions:
   fields (with how many samples and where), `sample()` takes them as keyword arguments
   (`kwargs()`), and evaluation's reuse keys are made of them.
 
-  sampler: "ddpm", "ddim", "dpm_solver++" or "unipc". steps: network evaluations.
+  sampler: one of SAMPLERS. steps: network evaluations, except for "euler" and "heun",
+  where it is EDM's number of noise levels N (Heun evaluates the network 2N − 1 times).
   eta: DDIM's noise scale (0: deterministic). clip_denoised: clip x̂0 to [−1, 1] at every
   step. thresholding: dynamic thresholding of x̂0 instead of clipping. order and
   skip_type: the solvers' order (UniPC 1–3, DPM-Solver++ 2) and time grid ("logSNR" or
@@ -38,7 +41,9 @@ class SamplerOptions:
   classifier-free guidance w (1: off; 0: the unconditional model), for class-conditional
   models trained with label dropout to a null class (see `guided`), applied only while
   t/T lies in [guidance_t_min, guidance_t_max] (the guidance interval of Kynkäänniemi et
-  al. 2024; outside it the conditional model alone).
+  al. 2024; outside it the conditional model alone). s_churn, s_tmin, s_tmax, s_noise:
+  EDM's stochasticity for "euler" and "heun" (S_churn = 0: the deterministic ODE solver;
+  see edm.py).
   """
   sampler: str = "ddim"
   steps: int = 50
@@ -50,6 +55,10 @@ class SamplerOptions:
   guidance_scale: float = 1.0
   guidance_t_min: float = 0.0
   guidance_t_max: float = 1.0
+  s_churn: float = 0.0
+  s_tmin: float = 0.0
+  s_tmax: float = float("inf")
+  s_noise: float = 1.0
 
   @classmethod
   def from_config(cls, sample_config) -> "SamplerOptions":
@@ -57,13 +66,12 @@ class SamplerOptions:
     return cls(**{f.name: sample_config[f.name] for f in dataclasses.fields(cls)})
 
   def with_sampler(self, sampler: str, steps: int) -> "SamplerOptions":
-    """These settings for another sampler and step count (evaluation's sweeps); a
-    sampler that is not a solver gets the solvers' fields at their defaults."""
-    options = dataclasses.replace(self, sampler=sampler, steps=steps)
-    if sampler not in solvers.SOLVERS:
-      options = dataclasses.replace(options, order=SamplerOptions.order,
-                                    skip_type=SamplerOptions.skip_type)
-    return options
+    """These settings for another sampler and step count (evaluation's sweeps); the
+    fields that do not apply to `sampler` go back to their defaults."""
+    return dataclasses.replace(
+        self, sampler=sampler, steps=steps,
+        **{name: getattr(SamplerOptions, name)
+           for name, applies_to in _SPECIFIC_FIELDS.items() if sampler not in applies_to})
 
   def check(self, field: str = "sample") -> "SamplerOptions":
     """self, or a ValueError naming config.`field`.X and the fix."""
@@ -96,22 +104,34 @@ class SamplerOptions:
       raise ValueError(f"config.{field}.order={self.order!r}: DPM-Solver++ here is the "
                        "second-order multistep solver (2M); set order=2, or use "
                        "sampler=unipc for orders 1–3.")
-    if self.sampler not in solvers.SOLVERS:
-      for name in ("order", "skip_type"):
-        default = getattr(SamplerOptions, name)
-        if getattr(self, name) != default:
-          raise ValueError(f"config.{field}.{name}={getattr(self, name)!r}: applies to the "
-                           f"solvers {list(solvers.SOLVERS)}, not to sampler="
-                           f"{self.sampler!r}; leave it at {default!r}.")
+    for name in ("s_churn", "s_tmin", "s_tmax", "s_noise"):
+      value = getattr(self, name)
+      if not (isinstance(value, (int, float)) and value >= 0 and not math.isnan(value)):
+        raise ValueError(f"config.{field}.{name}={value!r}: must be a number ≥ 0.")
+    if self.s_tmin > self.s_tmax:
+      raise ValueError(f"config.{field}.s_tmin={self.s_tmin!r} > s_tmax={self.s_tmax!r}: "
+                       "churn applies to noise levels in [s_tmin, s_tmax].")
+    for name, applies_to in _SPECIFIC_FIELDS.items():
+      default = getattr(SamplerOptions, name)
+      if self.sampler not in applies_to and getattr(self, name) != default:
+        raise ValueError(f"config.{field}.{name}={getattr(self, name)!r}: applies to "
+                         f"{list(applies_to)}, not to sampler={self.sampler!r}; leave it "
+                         f"at {default!r}.")
     return self
 
   def kwargs(self) -> dict:
     """`sample()`'s keyword arguments (guidance is applied to its model_fn: `guided`)."""
     kw = dict(sampler=self.sampler, steps=self.steps, clip_denoised=self.clip_denoised,
               eta=self.eta, thresholding=self.thresholding)
-    if self.sampler in solvers.SOLVERS:
-      kw.update(order=self.order, skip_type=self.skip_type)
+    kw.update({name: getattr(self, name) for name, applies_to in _SPECIFIC_FIELDS.items()
+               if self.sampler in applies_to})
     return kw
+
+
+# The options that only some samplers take (check() refuses them elsewhere).
+_SPECIFIC_FIELDS = {"order": solvers.SOLVERS, "skip_type": solvers.SOLVERS,
+                    **{name: edm.EDM_SAMPLERS
+                       for name in ("s_churn", "s_tmin", "s_tmax", "s_noise")}}
 
 
 def guided(model_fn, labels, null_label: int, scale: float, channels: int,
@@ -175,12 +195,13 @@ def sample(diffusion: GaussianDiffusion, model_fn, shape, key, sampler: str = "d
   Args:
     diffusion: the training diffusion (T steps); respaced or interpolated here.
     model_fn: (x, t) -> network output, t on the training scale.
-    sampler: "ddpm", "ddim", "dpm_solver++" or "unipc".
-    steps: network evaluations.
+    sampler: one of SAMPLERS.
+    steps: network evaluations (for "euler" and "heun": EDM's noise levels N).
     clip_denoised: clip x̂0 to [−1, 1] at every step.
     eta: DDIM's noise scale (0: deterministic).
     thresholding: dynamic thresholding of x̂0 instead of clipping.
-    **solver_kw: `order`, `skip_type`, `lower_order_final` for the solvers.
+    **solver_kw: `order`, `skip_type`, `lower_order_final` for the solvers;
+      `s_churn`, `s_tmin`, `s_tmax`, `s_noise` for EDM's samplers.
   """
   if sampler not in SAMPLERS:
     raise ValueError(f"Unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}.")
@@ -191,6 +212,9 @@ def sample(diffusion: GaussianDiffusion, model_fn, shape, key, sampler: str = "d
   if sampler in solvers.SOLVERS:
     return solvers.solve(diffusion, model_fn, x, sampler, steps, clip_denoised=clip_denoised,
                          thresholding=thresholding, **solver_kw)
+  if sampler in edm.EDM_SAMPLERS:
+    return edm.solve(diffusion, model_fn, x, sampler, steps, loop_key,
+                     clip_denoised=clip_denoised, thresholding=thresholding, **solver_kw)
   if solver_kw:
     raise ValueError(f"{sorted(solver_kw)} apply to the solvers, not to {sampler}.")
   spaced = diffusion.respace(respacing_for(sampler, steps, diffusion.num_timesteps))

@@ -296,7 +296,7 @@ def convert_checkpoint(path: str, config, workdir: str) -> int:
   params = torch_to_flax(read_state_dict(path, max_elements(model)), model)
   state = state_lib.init_state(components, config_lib.train_settings(config),
                            jax.random.PRNGKey(0))
-  state = state.replace(params=params, ema_params=[params] * len(config.optim.ema_rates),
+  state = state.replace(params=params, ema_params=[params] * len(state.ema_params),
                         opt_state=tx.init(params), step=np.int32(step))
   paths.check_writable(workdir)
   manager = checkpoints.create_manager(workdir, config)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from diffusion_jax import checkpoints
 from diffusion_jax import config_lib
+from diffusion_jax import ema
 from diffusion_jax import models
 from diffusion_jax import paths
 from diffusion_jax import reporting
@@ -129,10 +130,12 @@ def make_train_step(components: config_lib.Components, settings: config_lib.Trai
       # (PERF_NOTES.md).
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      ema = [jax.tree_util.tree_map(lambda e, p, r=r: r * e + (1 - r) * p, e_params, params)
-             for r, e_params in zip(rates, state.ema_params)]
+      ema_params = [
+          jax.tree_util.tree_map(lambda e, p, r=r: r * e + (1 - r) * p, e_params, params)
+          for r, e_params in zip(ema.decays(rates, settings.posthoc_gammas, state.step),
+                                 state.ema_params)]
       objective_state = objective.update(state.objective_state, t, terms, objective_grads)
-      return state.replace(step=state.step + 1, params=params, ema_params=ema,
+      return state.replace(step=state.step + 1, params=params, ema_params=ema_params,
                            opt_state=opt_state, objective_state=objective_state)
 
     def drop(state):
@@ -378,6 +381,8 @@ def _train(config, plan: config_lib.Training, workdir: str) -> state_lib.TrainSt
       if at_ckpt or preempted.raised:
         saves.save(step, state, batch_iter_state, plan.config_json)
         writer.flush()
+      if settings.posthoc_gammas and (step % loop.posthoc_ema_every == 0 or step == num_steps):
+        ema.save_snapshot(workdir, step, state.ema_params[len(settings.ema_rates):])
       if (loop.sample_every and step % loop.sample_every == 0
           and step < num_steps):  # the final grid is drawn after the loop
         writer.write_image_grid(step, sample_grid(config, model, diffusion,
