@@ -3,8 +3,10 @@
   python3 launch/bench_table.py bench_out
 
 Rows are read from ours_*.json (diffusion_jax.tools.bench) and official_*.json
-(launch/baseline_bench.py). The official step's TFLOP/s and MFU use XLA's FLOP count of our
-step on the same case and batch (the same computation), so the two are comparable.
+(launch/baseline_bench.py). peak GB is the device's peak, compile-time autotuning
+included; step GB is what our compiled step holds (its steady state). The official step's
+TFLOP/s and MFU use XLA's FLOP count of our step on the same case and batch (the same
+computation), so the two are comparable.
 """
 from __future__ import annotations
 
@@ -37,8 +39,8 @@ def _fmt(v, spec=".1f"):
 def table(folder: str) -> str:
   rows = _load(folder)
   lines = ["| case | dtype | batch | code | train img/s | ratio | compile s | "
-           "sample img-steps/s | ratio | TFLOP/s | MFU | peak GB |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "sample img-steps/s | ratio | TFLOP/s | MFU | peak GB | step GB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   device = None
   for name, ours in rows.items():
     if not name.startswith("ours_"):
@@ -52,7 +54,7 @@ def table(folder: str) -> str:
         f"{ours['sample_image_steps_per_s']:.0f} | "
         f"{_ratio(ours, official, 'sample_image_steps_per_s')} | "
         f"{ours['train_tflops_per_s']:.1f} | {_fmt(ours.get('mfu'), '.3f')} | "
-        f"{_fmt(ours.get('peak_device_memory_gb'))} |")
+        f"{_fmt(ours.get('peak_device_memory_gb'))} | {_fmt(ours.get('step_memory_gb'))} |")
     if official:
       tflops = ours["train_step_tflop"] * official["train_images_per_s"] / ours["batch_size"]
       mfu = ours["mfu"] * tflops / ours["train_tflops_per_s"] if ours.get("mfu") else None
@@ -60,7 +62,7 @@ def table(folder: str) -> str:
           f"| {case} | {dtype} | {batch[1:]} | official {official.get('torch', '')} | "
           f"{official['train_images_per_s']:.1f} | 1 | – | "
           f"{_fmt(official.get('sample_image_steps_per_s'), '.0f')} | 1 | {tflops:.1f} | "
-          f"{_fmt(mfu, '.3f')} | {_fmt(official.get('peak_device_memory_gb'))} |")
+          f"{_fmt(mfu, '.3f')} | {_fmt(official.get('peak_device_memory_gb'))} | – |")
   head = f"Device: {device or 'unknown'}. Ratios are ours ÷ official, run one after the other in one call."
   return head + "\n\n" + "\n".join(lines)
 

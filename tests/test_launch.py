@@ -61,22 +61,49 @@ def test_bad_arguments_are_refused(script, args, message):
 
 
 def test_gpu_bench_dry_run():
-  r = _run("gpu_bench.sh", "--dry-run")
+  r = _run("gpu_bench.sh", "--dry-run", "--no-flops")
   assert r.returncode == 0, r.stderr
   lines = r.stdout.strip().splitlines()
-  assert len(lines) == 14  # (3 batches × 2 dtypes + small32) × (ours, official)
+  # ours: 3 batches × 2 dtypes at 256 px, DiT-XL × 2 dtypes, small32; official beside all
+  # but the DiT rows
+  assert len(lines) == 16
   ours = [l for l in lines if "diffusion_jax.tools.bench" in l]
   official = [l for l in lines if "baseline_bench.py" in l]
-  assert len(ours) == len(official) == 7
+  assert len(ours) == 9 and len(official) == 7
   assert "--config.data.batch_size=32" in ours[5] and "compute_dtype=bfloat16" in ours[5]
   assert "--case paper256 --dtype bfloat16 --batch 32 --device cuda" in official[5]
+  assert "configs/dit_imagenet256.py" in ours[7] and "batch_size=32" in ours[7]
   assert "--case small32 --dtype float32 --batch 16" in official[6]
-  no_base = _run("gpu_bench.sh", "--dry-run", "--no-baseline").stdout.strip().splitlines()
-  assert len(no_base) == 7 and not any("baseline_bench" in l for l in no_base)
+  no_base = _run("gpu_bench.sh", "--dry-run", "--no-baseline",
+                 "--no-flops").stdout.strip().splitlines()
+  assert len(no_base) == 9 and not any("baseline_bench" in l for l in no_base)
   bad = _run("gpu_bench.sh", "--dtypes", "float16")
   assert bad.returncode == 2 and "float32 or bfloat16" in bad.stderr
   missing = _run("gpu_bench.sh", "--baseline-dir", "/nonexistent", "--batches", "8")
   assert missing.returncode == 2 and "--no-baseline" in missing.stderr
+
+
+@pytest.mark.slow  # lowers the 9 rows' train steps on the CPU (~2 min)
+def test_gpu_bench_dry_run_counts_each_rows_flops():
+  r = subprocess.run(["bash", os.path.join(LAUNCH, "gpu_bench.sh"), "--dry-run",
+                      "--no-baseline"], capture_output=True, text=True, timeout=900,
+                     cwd=os.path.dirname(LAUNCH))
+  assert r.returncode == 0, r.stderr
+  lines = r.stdout.strip().splitlines()
+  tflop = {}
+  for command, count in zip(lines[::2], lines[1::2]):
+    assert "diffusion_jax.tools.bench" in command and count.startswith("#   "), (command, count)
+    name, dtype, _, batch = count[4:].split(":")[0].split()
+    tflop[(name, dtype, int(batch))] = float(count.split(": ")[1].split()[0])
+  assert len(tflop) == 9
+  # Linear in the batch, and the same in bf16 (the count is of the math, not the dtype).
+  assert tflop[("paper256", "float32", 16)] == pytest.approx(
+      2 * tflop[("paper256", "float32", 8)], rel=0.01)
+  assert tflop[("paper256", "bfloat16", 32)] == pytest.approx(
+      tflop[("paper256", "float32", 32)], rel=0.01)
+  # DiT-XL/2 at 256 tokens is 118.6 GFLOPs per forward (the DiT paper, multiply-adds):
+  # a train step is about 3 forwards of 2 FLOPs per multiply-add, for 32 images.
+  assert tflop[("ditxl256", "float32", 32)] == pytest.approx(32 * 3 * 2 * 118.6e-3, rel=0.05)
 
 
 def test_baseline_bench_refuses_a_missing_checkout():
@@ -90,7 +117,7 @@ def test_bench_table_pairs_rows_and_ratios(tmp_path):
   ours = {"device": "1× GPU", "batch_size": 8, "compute_dtype": "float32", "compile_s": 70.0,
           "train_images_per_s": 100.0, "sample_image_steps_per_s": 400.0,
           "train_step_tflop": 9.0, "train_tflops_per_s": 112.5, "mfu": 0.25,
-          "peak_device_memory_gb": 30.0}
+          "peak_device_memory_gb": 30.0, "step_memory_gb": 21.5}
   (tmp_path / "ours_paper256_float32_b8.json").write_text(json.dumps(ours, indent=1))
   (tmp_path / "official_paper256_float32_b8.json").write_text(
       "progress text\n" + json.dumps({"train_images_per_s": 50.0, "torch": "2.x",
@@ -101,7 +128,7 @@ def test_bench_table_pairs_rows_and_ratios(tmp_path):
   assert table.returncode == 0, table.stderr
   rows = [l for l in table.stdout.splitlines() if l.startswith("| paper256")]
   assert len(rows) == 2
-  assert "| 2.00× |" in rows[0] and "| 4.00× |" in rows[0]
+  assert "| 2.00× |" in rows[0] and "| 4.00× |" in rows[0] and "| 30.0 | 21.5 |" in rows[0]
   # The official row's TFLOP/s: our step's FLOPs at its speed (9 TFLOP × 50/8 per s).
   assert "| 56.2 | 0.125 |" in rows[1]
   assert "skipped official_paper256_bfloat16_b8" in table.stderr

@@ -6,8 +6,11 @@ Times the compiled train step (forward, backward, AdamW, EMA) on a synthetic bat
 config.data.batch_size, and one DDIM sampler step on the same batch, each as the
 median of --runs calls after --warmup calls. state_bytes_per_device is the train state
 one device holds (it shrinks with train.fsdp); peak_device_memory_gb is the backend's
-own peak where it reports one (GPUs, TPUs). FLOPs come from XLA's cost analysis of the
-step before partitioning (the same count on every backend);
+own peak where it reports one (GPUs, TPUs), which includes compile-time autotuning;
+step_memory_gb is what the compiled step holds (XLA's memory analysis: arguments, outputs
+and temporaries), the steady state. FLOPs come from XLA's cost analysis of the step
+before partitioning (the same count on every backend; --flops_only prints just that,
+lowered from shapes without allocating);
 MFU is reported where the device's peak is known (GPUs and TPUs).
 
   python -m diffusion_jax.tools.bench --config=configs/bench_cpu_small.py --baseline
@@ -47,6 +50,8 @@ config_flags.DEFINE_config_file("config", None, "Config to benchmark.", lock_con
 flags.DEFINE_string("json", None, "Write the results here as JSON.")
 flags.DEFINE_integer("runs", 10, "Timed calls per measurement (the median is reported).")
 flags.DEFINE_integer("warmup", 2, "Untimed calls before timing.")
+flags.DEFINE_bool("flops_only", False, "Only print the train step's TFLOP count (lowered "
+                  "from shapes: nothing is allocated or compiled).")
 flags.DEFINE_integer("cpu_devices", -1, "CPU only: XLA devices the host is split into "
                      "(-1: one per core, dividing the batch into shares of at least 8; "
                      "1: a single device).")
@@ -93,6 +98,34 @@ def _peak(dtype: str):
   return None
 
 
+def _tflop(lowered) -> float:
+  """TFLOP of a lowered step, from XLA's cost analysis of the HLO before partitioning and
+  backend passes: the compiled module's misses convolutions that GPUs run as cuDNN custom
+  calls (it reported 0.08 TFLOP for the 9.2 TFLOP celebahq256 step at batch 8 on an H100)."""
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0)) / 1e12 if cost else 0.0
+
+
+def _abstract_batch(config, mesh) -> dict:
+  m, bsz = config.model, config.data.batch_size
+  sharding = state_lib.batch_sharding(mesh)
+  return {"image": jax.ShapeDtypeStruct((bsz, m.image_size, m.image_size, m.in_channels),
+                                        jnp.float32, sharding=sharding),
+          "label": jax.ShapeDtypeStruct((bsz,), jnp.int32, sharding=sharding)}
+
+
+def train_step_tflop(config) -> float:
+  """TFLOP of one train step of `config` (global batch), lowered from shapes alone."""
+  config_lib.validate_config(config)
+  components, settings = config_lib.build(config), config_lib.train_settings(config)
+  mesh = state_lib.make_mesh(config)
+  abstract = state_lib.abstract_state(components, settings)
+  shardings = state_lib.state_sharding(mesh, abstract)
+  step = train.jit_train_step(components, settings, mesh, shardings)
+  return _tflop(step.lower(abstract, _abstract_batch(config, mesh)))
+
+
 def benchmark(config, runs: int = 10, warmup: int = 2) -> dict:
   """The benchmark's numbers for `config` (see the module docstring)."""
   config_lib.validate_config(config)
@@ -135,12 +168,8 @@ def benchmark(config, runs: int = 10, warmup: int = 2) -> dict:
   params = holder["state"].ema_params[0]
   sample_s = _median_seconds(lambda: sample_step(params, x), runs, warmup)
 
-  # The FLOPs of the whole step, from the HLO before partitioning and backend passes: the
-  # compiled module's cost analysis misses convolutions that GPUs run as cuDNN custom calls
-  # (it reported 0.08 TFLOP for the 9.2 TFLOP celebahq256 step at batch 8 on an H100).
-  cost = lowered.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  tflop = _tflop(lowered)
+  memory = compiled.memory_analysis()
   device = jax.devices()[0]
   stats = device.memory_stats() or {}
   result = {
@@ -157,8 +186,13 @@ def benchmark(config, runs: int = 10, warmup: int = 2) -> dict:
       "sample_image_steps_per_s": bsz / sample_s,
       "peak_host_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
       "peak_device_memory_gb": stats.get("peak_bytes_in_use", 0) / 2**30 or None,
-      "train_step_tflop": flops / 1e12,
-      "train_tflops_per_s": flops / 1e12 / train_s,
+      # What the compiled step itself holds per device (its arguments, outputs and
+      # temporaries, donated buffers counted once), free of compile-time autotuning.
+      "step_memory_gb": (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                         - memory.alias_size_in_bytes + memory.temp_size_in_bytes) / 2**30
+                        if memory is not None else None,
+      "train_step_tflop": tflop,
+      "train_tflops_per_s": tflop / train_s,
   }
   peak = _peak(config.train.compute_dtype)
   if peak and device.platform != "cpu":
@@ -249,6 +283,9 @@ def main(argv):
     return
   distributed.split_host_cpu(FLAGS.cpu_devices if FLAGS.cpu_devices != -1 else
                              distributed.cpu_device_count([FLAGS.config.data.batch_size]))
+  if FLAGS.flops_only:
+    print(f"train_step_tflop  {train_step_tflop(FLAGS.config):.4g}")
+    return
   result = benchmark(FLAGS.config, FLAGS.runs, FLAGS.warmup)
   width = max(len(k) for k in result)
   for k, v in result.items():
