@@ -106,6 +106,23 @@ def test_gpu_bench_dry_run_counts_each_rows_flops():
   assert tflop[("ditxl256", "float32", 32)] == pytest.approx(32 * 3 * 2 * 118.6e-3, rel=0.05)
 
 
+def test_hlo_audit_sees_the_bf16_casts_and_matmuls():
+  r = subprocess.run([sys.executable, os.path.join(LAUNCH, "hlo_audit.py"),
+                      "--config=configs/bench_cpu_small.py", "--batch", "16"],
+                     capture_output=True, text=True, timeout=300, cwd=os.path.dirname(LAUNCH))
+  assert r.returncode == 0, r.stderr[-2000:]
+  rows = {l.split(" | ")[0][2:]: l.split(" | ")[1:] for l in r.stdout.splitlines()
+          if l.startswith("| ") and not l.startswith("| count")}
+  number = lambda text: float(text.strip(" |").replace(",", ""))
+  fp32, bf16 = (lambda k: number(rows[k][0])), (lambda k: number(rows[k][1]))
+  assert "convert f32→bf16" not in rows or fp32("convert f32→bf16") == 0
+  assert bf16("convert f32→bf16") > 100 and bf16("convert bf16→f32") > 100
+  assert fp32("convolution f32×f32→f32") == bf16("convolution bf16×bf16→bf16") + bf16(
+      "convolution f32×f32→f32")  # the same convolutions, in either dtype
+  assert bf16("convolution bf16×bf16→bf16") > 100
+  assert fp32("transpose") == bf16("transpose") > 0
+
+
 def test_baseline_bench_refuses_a_missing_checkout():
   r = subprocess.run([sys.executable, os.path.join(LAUNCH, "baseline_bench.py"),
                       "--baseline_dir", "/nonexistent"], capture_output=True, text=True,

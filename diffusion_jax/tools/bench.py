@@ -115,15 +115,20 @@ def _abstract_batch(config, mesh) -> dict:
           "label": jax.ShapeDtypeStruct((bsz,), jnp.int32, sharding=sharding)}
 
 
-def train_step_tflop(config) -> float:
-  """TFLOP of one train step of `config` (global batch), lowered from shapes alone."""
+def lower_train_step(config):
+  """`config`'s train step (global batch) lowered from shapes alone: nothing allocated."""
   config_lib.validate_config(config)
   components, settings = config_lib.build(config), config_lib.train_settings(config)
   mesh = state_lib.make_mesh(config)
   abstract = state_lib.abstract_state(components, settings)
   shardings = state_lib.state_sharding(mesh, abstract)
   step = train.jit_train_step(components, settings, mesh, shardings)
-  return _tflop(step.lower(abstract, _abstract_batch(config, mesh)))
+  return step.lower(abstract, _abstract_batch(config, mesh))
+
+
+def train_step_tflop(config) -> float:
+  """TFLOP of one train step of `config` (global batch)."""
+  return _tflop(lower_train_step(config))
 
 
 def benchmark(config, runs: int = 10, warmup: int = 2) -> dict:
