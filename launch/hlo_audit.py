@@ -75,6 +75,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import importlib.util  # pylint: disable=import-outside-toplevel
+
   from diffusion_jax.tools import bench  # pylint: disable=import-outside-toplevel
   file, _, arg = args.config.partition(":")
   spec = importlib.util.spec_from_file_location("audited_config", file)
