@@ -15,6 +15,8 @@ import dataclasses
 import functools
 import hashlib
 import math
+from typing import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -155,6 +157,43 @@ def guided(model_fn, labels, null_label: int, scale: float, channels: int,
   return fn
 
 
+class ClassifierGuidance(NamedTuple):
+  """Classifier guidance (Dhariwal & Nichol 2021): log_prob_fn(x, t) -> (B, classes)
+  log-probabilities of a noisy classifier at x_t and t on the training scale; labels:
+  int32 (B,) the classes to guide towards; scale: s (guided-diffusion's classifier_scale)."""
+  log_prob_fn: Callable
+  labels: jax.Array
+  scale: float
+
+  def gradient(self, x, t):
+    """s·∇_x log p(y | x, t), x's shape and dtype."""
+    def log_p(x):
+      lp = self.log_prob_fn(x, t)
+      return jnp.sum(jnp.take_along_axis(lp, self.labels[:, None].astype(jnp.int32), axis=1))
+    return self.scale * jax.grad(log_p)(x)
+
+
+def classifier_guided(model_fn, diffusion: GaussianDiffusion, guidance: ClassifierGuidance,
+                      channels: int):
+  """model_fn with classifier guidance as guided-diffusion's condition_score: ε̂ becomes
+  ε̂ − √(1 − ᾱ_t)·s·∇ log p(y | x_t), applied to the model's own target (x0 gains
+  (1 − ᾱ)/√ᾱ·s∇, v loses √(1 − ᾱ)/√ᾱ·s∇) in its first `channels` output channels.
+  `diffusion` is the training one; ᾱ at fractional t interpolates log √ᾱ (solvers.py).
+  Used by every sampler but DDPM, which shifts its mean instead (`p_sample`)."""
+  log_alpha = jnp.asarray(solvers.log_alpha_table(diffusion), jnp.float32)
+  per_target = {"eps": lambda a, g: -jnp.sqrt(1 - a) * g,
+                "x0": lambda a, g: (1 - a) / jnp.sqrt(a) * g,
+                "v": lambda a, g: -jnp.sqrt((1 - a) / a) * g}[diffusion.target]
+
+  def fn(x, t):
+    out = model_fn(x, t)
+    abar = jnp.exp(2 * solvers.interp(log_alpha, t.astype(jnp.float32)))
+    shift = per_target(abar.reshape((-1,) + (1,) * (x.ndim - 1)), guidance.gradient(x, t))
+    return jnp.concatenate([out[..., :channels] + shift.astype(out.dtype),
+                            out[..., channels:]], axis=-1)
+  return fn
+
+
 def respacing_for(sampler: str, steps: int, num_timesteps: int) -> str:
   """guided-diffusion's respacing: evenly strided "ddimN" for DDIM when it exists."""
   if sampler == "ddim" and any(len(range(0, num_timesteps, stride)) == steps
@@ -164,12 +203,17 @@ def respacing_for(sampler: str, steps: int, num_timesteps: int) -> str:
 
 
 def p_sample(diffusion: GaussianDiffusion, model_fn, x, t, key, clip_denoised=True,
-             denoised_fn=None):
-  """One ancestral step x_t -> x_{t−1} (guided-diffusion's p_sample)."""
+             denoised_fn=None, guidance: ClassifierGuidance | None = None):
+  """One ancestral step x_t -> x_{t−1} (guided-diffusion's p_sample); with `guidance`,
+  the mean moves by Σ·s∇ log p(y | x_t) (its condition_mean)."""
   out = diffusion.p_mean_variance(model_fn, x, t, clip_denoised, denoised_fn)
+  mean = out["mean"]
+  if guidance is not None:
+    mean = mean + jnp.exp(out["log_variance"]) * guidance.gradient(
+        x, diffusion.model_timesteps(t))
   noise = jax.random.normal(key, x.shape, x.dtype)
   nonzero = (t != 0).astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-  return {"sample": out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise,
+  return {"sample": mean + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise,
           "pred_xstart": out["pred_xstart"]}
 
 
@@ -189,7 +233,8 @@ def ddim_sample(diffusion: GaussianDiffusion, model_fn, x, t, key, clip_denoised
 
 def sample(diffusion: GaussianDiffusion, model_fn, shape, key, sampler: str = "ddim",
            steps: int = 50, clip_denoised: bool = True, eta: float = 0.0, noise=None,
-           thresholding: bool = False, **solver_kw):
+           thresholding: bool = False, guidance: ClassifierGuidance | None = None,
+           **solver_kw):
   """Samples of `shape` (NHWC), float32, from noise drawn with `key` (or `noise`).
 
   Args:
@@ -200,6 +245,8 @@ def sample(diffusion: GaussianDiffusion, model_fn, shape, key, sampler: str = "d
     clip_denoised: clip x̂0 to [−1, 1] at every step.
     eta: DDIM's noise scale (0: deterministic).
     thresholding: dynamic thresholding of x̂0 instead of clipping.
+    guidance: classifier guidance (guided-diffusion's: DDPM shifts its mean, the others
+      correct ε̂; see `classifier_guided`).
     **solver_kw: `order`, `skip_type`, `lower_order_final` for the solvers;
       `s_churn`, `s_tmin`, `s_tmax`, `s_noise` for EDM's samplers.
   """
@@ -209,6 +256,8 @@ def sample(diffusion: GaussianDiffusion, model_fn, shape, key, sampler: str = "d
     raise ValueError(f"steps={steps} must be in [1, {diffusion.num_timesteps}].")
   init_key, loop_key = jax.random.split(key)
   x = jax.random.normal(init_key, shape, jnp.float32) if noise is None else noise
+  if guidance is not None and sampler != "ddpm":
+    model_fn = classifier_guided(model_fn, diffusion, guidance, shape[-1])
   if sampler in solvers.SOLVERS:
     return solvers.solve(diffusion, model_fn, x, sampler, steps, clip_denoised=clip_denoised,
                          thresholding=thresholding, **solver_kw)
@@ -226,7 +275,7 @@ def sample(diffusion: GaussianDiffusion, model_fn, shape, key, sampler: str = "d
     t = jnp.full((shape[0],), n - 1 - i, jnp.int32)
     k = jax.random.fold_in(loop_key, i)
     if sampler == "ddpm":
-      return p_sample(spaced, model_fn, x, t, k, clip, denoised_fn)["sample"]
+      return p_sample(spaced, model_fn, x, t, k, clip, denoised_fn, guidance)["sample"]
     return ddim_sample(spaced, model_fn, x, t, k, clip, denoised_fn, eta=eta)["sample"]
 
   return jax.lax.fori_loop(0, n, body, x)
