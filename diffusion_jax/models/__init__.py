@@ -53,8 +53,10 @@ def architecture(name: str) -> ModuleType:
 
 
 def architecture_of(model) -> ModuleType:
-  """The architecture module that built `model`."""
-  for module in ARCHITECTURES.values():
+  """The architecture module that built `model` (a denoiser, or the noisy classifier of
+  `models.classifier`, which `convert` also reads)."""
+  from diffusion_jax.models import classifier  # pylint: disable=import-outside-toplevel
+  for module in list(ARCHITECTURES.values()) + [classifier]:
     if type(model).__module__ == module.__name__:
       return module
   raise TypeError(f"{type(model).__name__} is not a registered architecture's model.")

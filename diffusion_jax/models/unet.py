@@ -149,6 +149,72 @@ class AttentionBlock(nn.Module):
     return x + h.reshape(b, hgt, wid, c)
 
 
+def _blocks(m, train: bool):
+  """(ResBlock, attention(name, heads), the ResBlocks' common arguments) of UNet-like
+  module `m` (its dtype, dropout, checkpointing and attention settings)."""
+  res_block = nn.remat(ResBlock) if m.use_checkpoint else ResBlock
+  attn_block = nn.remat(AttentionBlock) if m.use_checkpoint else AttentionBlock
+  common = dict(dropout=m.dropout, use_scale_shift_norm=m.use_scale_shift_norm,
+                deterministic=not train, dtype=m.dtype)
+
+  def attention(name, heads):
+    return attn_block(num_heads=heads, num_head_channels=m.num_head_channels,
+                      use_new_attention_order=m.use_new_attention_order, dtype=m.dtype,
+                      attention_impl=m.attention_impl, name=name)
+  return res_block, attention, common
+
+
+def _time_embedding(m, t):
+  """guided-diffusion's time_embed MLP on the sinusoidal embedding: (B, 4·model_channels)."""
+  emb = layers.timestep_embedding(t, m.model_channels)
+  emb = _dense(4 * m.model_channels, "time_embed.0", jnp.float32)(emb)
+  return _dense(4 * m.model_channels, "time_embed.2", jnp.float32)(nn.silu(emb))
+
+
+def _encoder(m, x, emb, train: bool):
+  """The input blocks and the middle block, shared by the UNet and the classifier:
+  (h, the input blocks' activations and channels, the final downsampling factor)."""
+  res_block, attention, common = _blocks(m, train)
+  h = x.astype(m.dtype)
+  ch = int(m.channel_mult[0] * m.model_channels)
+  h = _conv(ch, "input_blocks.0.0", m.dtype)(h)
+  hs, chans, ds, block = [h], [ch], 1, 1
+  for level, mult in enumerate(m.channel_mult):
+    for _ in range(m.num_res_blocks):
+      ch = int(mult * m.model_channels)
+      h = res_block(out_channels=ch, name=f"input_blocks.{block}.0", **common)(h, emb)
+      if ds in m.attention_resolutions:
+        h = attention(f"input_blocks.{block}.1", m.num_heads)(h)
+      hs.append(h)
+      chans.append(ch)
+      block += 1
+    if level != len(m.channel_mult) - 1:
+      name = f"input_blocks.{block}.0"
+      if m.resblock_updown:
+        h = res_block(out_channels=ch, down=True, name=name, **common)(h, emb)
+      else:
+        h = Downsample(ch, m.conv_resample, m.dtype, name=name)(h)
+      hs.append(h)
+      chans.append(ch)
+      ds *= 2
+      block += 1
+  h = res_block(out_channels=ch, name="middle_block.0", **common)(h, emb)
+  h = attention("middle_block.1", m.num_heads)(h)
+  h = res_block(out_channels=ch, name="middle_block.2", **common)(h, emb)
+  return h, hs, chans, ds
+
+
+def check_input(m, x) -> None:
+  """NHWC with m.in_channels channels, divisible by the total downsampling."""
+  if x.ndim != 4 or x.shape[-1] != m.in_channels:
+    raise ValueError(f"Expected NHWC input with {m.in_channels} channels; got shape "
+                     f"{tuple(x.shape)}.")
+  factor = 2 ** (len(m.channel_mult) - 1)
+  if x.shape[1] % factor or x.shape[2] % factor:
+    raise ValueError(f"Image size {x.shape[1:3]} is not divisible by {factor}, the "
+                     f"downsampling of channel_mult={tuple(m.channel_mult)}.")
+
+
 class UNetModel(nn.Module):
   """The ADM UNet (Dhariwal & Nichol), with guided-diffusion's options and names.
 
@@ -182,60 +248,15 @@ class UNetModel(nn.Module):
     if (self.num_classes is None) != (y is None):
       raise ValueError("Pass class labels y exactly when the model is class-conditional "
                        f"(num_classes={self.num_classes}).")
-    if x.ndim != 4 or x.shape[-1] != self.in_channels:
-      raise ValueError(f"Expected NHWC input with {self.in_channels} channels; got shape "
-                       f"{tuple(x.shape)}.")
-    factor = 2 ** (len(self.channel_mult) - 1)
-    if x.shape[1] % factor or x.shape[2] % factor:
-      raise ValueError(f"Image size {x.shape[1:3]} is not divisible by {factor}, the "
-                       f"downsampling of channel_mult={tuple(self.channel_mult)}.")
-    res_block = nn.remat(ResBlock) if self.use_checkpoint else ResBlock
-    attn_block = nn.remat(AttentionBlock) if self.use_checkpoint else AttentionBlock
+    check_input(self, x)
     heads_up = self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
-    common = dict(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
-                  deterministic=not train, dtype=self.dtype)
-
-    def attention(name, heads):
-      return attn_block(num_heads=heads, num_head_channels=self.num_head_channels,
-                        use_new_attention_order=self.use_new_attention_order,
-                        dtype=self.dtype, attention_impl=self.attention_impl, name=name)
-
-    emb_dim = self.model_channels * 4
-    emb = layers.timestep_embedding(t, self.model_channels)
-    emb = _dense(emb_dim, "time_embed.0", jnp.float32)(emb)
-    emb = _dense(emb_dim, "time_embed.2", jnp.float32)(nn.silu(emb))
+    res_block, attention, common = _blocks(self, train)
+    emb = _time_embedding(self, t)
     if self.num_classes is not None:
       y = layers.drop_labels(self, y, self.num_classes, self.class_dropout_prob, train)
-      emb = emb + nn.Embed(self.num_classes + int(self.class_dropout_prob > 0), emb_dim, name="label_emb",
-                           embedding_init=nn.initializers.normal(1.0))(y)
-
-    h = x.astype(self.dtype)
-    ch = int(self.channel_mult[0] * self.model_channels)
-    h = _conv(ch, "input_blocks.0.0", self.dtype)(h)
-    hs, chans, ds, block = [h], [ch], 1, 1
-    for level, mult in enumerate(self.channel_mult):
-      for _ in range(self.num_res_blocks):
-        ch = int(mult * self.model_channels)
-        h = res_block(out_channels=ch, name=f"input_blocks.{block}.0", **common)(h, emb)
-        if ds in self.attention_resolutions:
-          h = attention(f"input_blocks.{block}.1", self.num_heads)(h)
-        hs.append(h)
-        chans.append(ch)
-        block += 1
-      if level != len(self.channel_mult) - 1:
-        name = f"input_blocks.{block}.0"
-        if self.resblock_updown:
-          h = res_block(out_channels=ch, down=True, name=name, **common)(h, emb)
-        else:
-          h = Downsample(ch, self.conv_resample, self.dtype, name=name)(h)
-        hs.append(h)
-        chans.append(ch)
-        ds *= 2
-        block += 1
-
-    h = res_block(out_channels=ch, name="middle_block.0", **common)(h, emb)
-    h = attention("middle_block.1", self.num_heads)(h)
-    h = res_block(out_channels=ch, name="middle_block.2", **common)(h, emb)
+      emb = emb + nn.Embed(self.num_classes + int(self.class_dropout_prob > 0), emb.shape[-1],
+                           name="label_emb", embedding_init=nn.initializers.normal(1.0))(y)
+    h, hs, chans, ds = _encoder(self, x, emb, train)
 
     block = 0
     for level, mult in list(enumerate(self.channel_mult))[::-1]:

@@ -32,7 +32,7 @@ from diffusion_jax import paths
 from diffusion_jax import torch_archive
 
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight",
-                  "bias": "bias"}
+                  "bias": "bias", "positional_embedding": "positional_embedding"}
 
 
 class CheckpointMismatchError(ValueError):
