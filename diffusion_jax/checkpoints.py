@@ -417,9 +417,12 @@ def saved_config(workdir: str, step: int | None = None):
 
 def saved_config_matching(workdir: str, config):
   """The config saved with `workdir`'s latest checkpoint; CheckpointConfigError when its
-  model (or other checkpoint-defining) fields differ from `config`'s."""
+  model (or other checkpoint-defining) fields differ from `config`'s, except those that
+  shape only the train state (config_lib.STATE_ONLY_FIELDS)."""
   saved = saved_config(workdir)
-  mismatch = config_lib.saved_differences(config_lib.as_json_dict(saved), config).model
+  mismatch = [line for line in config_lib.saved_differences(
+      config_lib.as_json_dict(saved), config).model
+              if not line.startswith(tuple(f + ":" for f in config_lib.STATE_ONLY_FIELDS))]
   if mismatch:
     raise CheckpointConfigError(
         f"The checkpoint in {workdir} was trained with a different configuration:\n  "

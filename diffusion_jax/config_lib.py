@@ -411,6 +411,9 @@ def as_json_dict(config) -> dict:
 CHECKPOINT_FIELDS = {"model": None,
                      "diffusion": ("schedule", "num_timesteps", "target", "var_type"),
                      "optim": ("ema_rates",), "train": ("posthoc_ema",)}
+# Of those, the ones that shape only the train state, not the model: a resume must match
+# them, sampling and evaluation (which rebuild the state from the saved config) need not.
+STATE_ONLY_FIELDS = ("train.posthoc_ema",)
 
 
 # Fields that define the training objective: changing them on resume is deliberate only.

@@ -105,16 +105,19 @@ def test_cli_trains_reconstructs_and_samples_a_posthoc_ema(tmp_path):
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
   workdir = tmp_path / "wd"
-  def cli(*args):
+  def cli(*args, expect=0):
     run = subprocess.run(
         [sys.executable, "-m", "diffusion_jax.main", "--config=tests/tiny_config.py",
-         f"--workdir={workdir}", "--cpu_devices=1", "--config.eval.classifier=False",
-         "--config.train.posthoc_ema=(0.05,0.1)", "--config.train.posthoc_ema_every=2"]
+         f"--workdir={workdir}", "--cpu_devices=1", "--config.eval.classifier=False"]
         + list(args), cwd=REPO, capture_output=True, text=True, timeout=600,
         env=dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu"))
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run.stdout
-  cli("--mode=train")
+    assert run.returncode == expect, run.stderr[-3000:]
+    return run.stdout + run.stderr
+  train = ("--config.train.posthoc_ema=(0.05,0.1)", "--config.train.posthoc_ema_every=2")
+  cli("--mode=train", *train)
+  # Resuming under other profiles would change the train state: refused, nothing lost.
+  out = cli("--mode=train", "--config.train.num_steps=8", expect=2)
+  assert "train.posthoc_ema: checkpoint [0.05, 0.1], config []" in out
   assert sorted(p.name for p in (workdir / ema.SNAPSHOTS).iterdir()) == [
       "000000002.npz", "000000004.npz", "000000006.npz"]
   out = cli("--mode=posthoc_ema", "--config.sample.posthoc_ema=0.08")
