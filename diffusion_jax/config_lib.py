@@ -86,6 +86,32 @@ def _ema_choice(value, field: str) -> None:
            "must be -1 (the first EMA) or one of optim.ema_rates")
 
 
+def _validate_classifier_fields(config) -> None:
+  """config.classifier (--mode=train_classifier and classifier guidance)."""
+  c = config.get("classifier")
+  if c is None:
+    return
+  for name in ("width", "depth", "num_head_channels", "num_steps", "log_every",
+               "checkpoint_every"):
+    _require(isinstance(c[name], int) and c[name] >= 1, f"classifier.{name}", c[name],
+             "must be a positive integer")
+  _require(c.width % 32 == 0, "classifier.width", c.width,
+           "must be a multiple of 32 (GroupNorm's 32 groups)")
+  _require(c.pool in ("attention", "adaptive"), "classifier.pool", c.pool,
+           "choose 'attention' or 'adaptive'")
+  _require(math.isfinite(c.lr) and c.lr > 0, "classifier.lr", c.lr, "must be > 0")
+  _require(math.isfinite(c.weight_decay) and c.weight_decay >= 0, "classifier.weight_decay",
+           c.weight_decay, "must be ≥ 0")
+  size = config.data.image_size
+  resolutions = int_list(c.attention_resolutions, "classifier.attention_resolutions")
+  _require(all(size % r == 0 for r in resolutions), "classifier.attention_resolutions",
+           c.attention_resolutions, f"each must divide data.image_size={size}")
+  try:
+    models.parse_channel_mult(c.channel_mult, size)
+  except ValueError as e:
+    raise ConfigError(f"config.classifier.channel_mult={c.channel_mult!r}: {e}") from None
+
+
 def validate_sample_fields(config) -> None:
   """config.sample, checked before training so a bad sampler cannot lose a run's end."""
   s = config.sample
@@ -255,6 +281,7 @@ def _validate(config, num_devices: int | None) -> None:
   if not config.optim.ema_rates or any(not 0 <= r < 1 for r in config.optim.ema_rates):
     raise ValueError(f"optim.ema_rates={config.optim.ema_rates} must be a non-empty list "
                      "of rates in [0, 1).")
+  _validate_classifier_fields(config)
   stds = config.train.get("posthoc_ema", ())
   if len(set(stds)) != len(stds) or any(not 0 < s < ema.MAX_SIGMA_REL for s in stds):
     raise ValueError(f"train.posthoc_ema={stds}: distinct σ_rel values in "

@@ -14,7 +14,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-MODES = ("train", "sample", "evaluate", "compare", "prepare", "convert", "posthoc_ema")
+MODES = ("train", "sample", "evaluate", "compare", "prepare", "convert", "posthoc_ema",
+         "train_classifier")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -22,6 +23,9 @@ config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
 flags.DEFINE_enum("mode", "train", MODES, "What to run.")
 flags.DEFINE_string("checkpoint", None, "--mode=convert: the PyTorch checkpoint to import.")
+flags.DEFINE_enum("convert_target", "model", ("model", "classifier"),
+                  "--mode=convert: import the denoiser (config.model) or guided-diffusion's "
+                  "noisy classifier (config.classifier, into WORKDIR/classifier/).")
 flags.DEFINE_integer("cpu_devices", -1, "CPU runs: split the host into this many XLA devices "
                      "for data parallelism over the cores (-1: as many as the cores, "
                      "dividing the batch sizes into shares of at least 8). Ignored by "
@@ -181,6 +185,9 @@ def _run_mode():
     print(f"Prepared {summary['num_records']} images at {config.data.image_size}px into "
           f"{config.data.data_dir}" + (f" and {held} held out as split 'test'" if held else "")
           + f"; skipped {summary['num_skipped']} unreadable file(s).")
+  elif FLAGS.mode == "train_classifier":
+    from diffusion_jax.training import classifier_train  # pylint: disable=import-outside-toplevel
+    classifier_train.train_classifier(config, FLAGS.workdir)
   elif FLAGS.mode == "posthoc_ema":
     from diffusion_jax import run  # pylint: disable=import-outside-toplevel
     if not config.sample.posthoc_ema:
@@ -196,7 +203,12 @@ def _run_mode():
     if not FLAGS.checkpoint:
       raise app.UsageError("--mode=convert needs --checkpoint=PATH (.pt, .safetensors, .npz).")
     from diffusion_jax.tools import convert  # pylint: disable=import-outside-toplevel
-    convert.convert_checkpoint(FLAGS.checkpoint, config, FLAGS.workdir)
+    if FLAGS.convert_target == "classifier":
+      step = convert.convert_classifier(FLAGS.checkpoint, config, FLAGS.workdir)
+      print(f"Imported the classifier at step {step} into {FLAGS.workdir}/classifier/; "
+            "sample with --config.sample.classifier_scale=S.")
+    else:
+      convert.convert_checkpoint(FLAGS.checkpoint, config, FLAGS.workdir)
 
 
 def _is_primary() -> bool:

@@ -16,6 +16,7 @@ from diffusion_jax import checkpoints
 from diffusion_jax import config_lib
 from diffusion_jax import ema
 from diffusion_jax import models
+from diffusion_jax import noisy_classifier
 from diffusion_jax import paths
 from diffusion_jax import state as state_lib
 from diffusion_jax.sampling import samplers
@@ -117,7 +118,7 @@ def sample_from_workdir(config, workdir: str) -> dict:
   Uses the EMA whose rate is config.sample.ema_rate (-1: the first), or the post-hoc EMA
   of σ_rel config.sample.posthoc_ema when it is not 0. Writes into
   WORKDIR/samples/<sampler>_<steps>/ (…_cfg<scale> with guidance, …_churn<S_churn>,
-  …_phema<σ_rel>; see `samplers.generate`) and returns generate's result with "dir" and "files" (the paths
+  …_phema<σ_rel>, …_cg<classifier scale>; see `samplers.generate`) and returns generate's result with "dir" and "files" (the paths
   written; in a multi-host job every process samples its share of each batch and
   process 0 writes). Finished batches are kept as they finish, so an interrupted run
   continues where it stopped when rerun.
@@ -135,7 +136,11 @@ def sample_from_workdir(config, workdir: str) -> dict:
   if suffix and (s.guidance_t_min, s.guidance_t_max) != (0, 1):
     suffix += f"_t{s.guidance_t_min:g}-{s.guidance_t_max:g}"
   suffix += (f"_churn{s.s_churn:g}" if s.s_churn else "") + (
-      f"_phema{s.posthoc_ema:g}" if s.posthoc_ema else "")
+      f"_phema{s.posthoc_ema:g}" if s.posthoc_ema else "") + (
+      f"_cg{s.classifier_scale:g}" if s.classifier_scale else "")
+  classifier, classifier_step = None, None
+  if s.classifier_scale:
+    *classifier, classifier_step = noisy_classifier.load_params(config, workdir)
   out_dir = os.fspath(paths.path(workdir) / "samples" / f"{s.sampler}_{s.steps}{suffix}")
   m = config.model
   result = samplers.generate(
@@ -143,7 +148,9 @@ def sample_from_workdir(config, workdir: str) -> dict:
       class_cond=m.class_cond, num_classes=m.num_classes,
       image_shape=(m.image_size, m.image_size, m.in_channels),
       write=jax.process_index() == 0,
-      resume_key=f"step {step} {config_lib.to_json(config.sample)} "
+      classifier=classifier,
+      resume_key=f"step {step} classifier {classifier_step} "
+                 f"{config_lib.to_json(config.sample)} "
                  f"{config_lib.to_json(config.model)}")
   result["dir"] = out_dir
   result["files"] = [os.fspath(paths.path(out_dir) / "samples_grid.png")] + (

@@ -9,12 +9,13 @@ from diffusion_jax import models
 from tests import tiny_config
 
 # Fields with no invalid value of their type, and why. Every other train/optim/data/
-# sample/eval field must reject at least one bad value in `validate_config`.
+# sample/eval/classifier field must reject at least one bad value in `validate_config`.
 _FREE_FIELDS = {
     "train.seed": "any integer is a seed",
     "sample.seed": "any integer is a seed",
     "eval.seed": "any integer is a seed",
     "data.seed": "any integer is a seed",
+    "classifier.seed": "any integer is a seed",
     "data.data_dir": "a path, read when the data loads",
     "data.image_dir": "a path, read by --mode=prepare",
     "data.holdout": "a fraction or a folder, checked by --mode=prepare",
@@ -48,7 +49,7 @@ def _bad_values(value):
   return []
 
 
-@pytest.mark.parametrize("section", ["train", "optim", "data", "sample", "eval"])
+@pytest.mark.parametrize("section", ["train", "optim", "data", "sample", "eval", "classifier"])
 def test_every_field_is_validated_before_anything_compiles(section):
   from diffusion_jax.configs import defaults  # pylint: disable=import-outside-toplevel
   unchecked = []

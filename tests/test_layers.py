@@ -15,7 +15,7 @@ LAYERS = (
     ("evaluation.inception", "evaluation.metrics", "evaluation.recognisability"),
     ("sampling",),
     ("configs",),
-    ("config_lib", "state", "checkpoints", "ema"),
+    ("config_lib", "state", "checkpoints", "ema", "noisy_classifier"),
     ("run",),
     ("training",),
     ("evaluation",),

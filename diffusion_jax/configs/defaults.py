@@ -118,6 +118,25 @@ def get_config() -> ml_collections.ConfigDict:
       save_individual=False,
   ))
 
+  # --mode=train_classifier: guided-diffusion's noisy classifier for classifier guidance
+  # (sample.classifier_scale); its architecture defaults are guided-diffusion's.
+  c.classifier = ml_collections.ConfigDict(dict(
+      width=128,
+      depth=2,
+      attention_resolutions="32,16,8",
+      channel_mult="",             # "" = the UNet's default for data.image_size
+      num_head_channels=64,
+      pool="attention",            # attention | adaptive
+      use_scale_shift_norm=True,
+      resblock_updown=True,
+      lr=3e-4,
+      weight_decay=0.05,
+      num_steps=150_000,
+      log_every=100,
+      checkpoint_every=10_000,
+      seed=0,
+  ))
+
   # --mode=evaluate and --mode=compare (diffusion_jax/evaluation/).
   c.eval = ml_collections.ConfigDict(dict(
       preset="",                   # "quick": CPU-sized counts (config_lib.EVAL_PRESETS)

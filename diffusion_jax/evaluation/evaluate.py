@@ -27,6 +27,7 @@ from diffusion_jax import checkpoints
 from diffusion_jax import config_lib
 from diffusion_jax import distributed
 from diffusion_jax import models
+from diffusion_jax import noisy_classifier
 from diffusion_jax import paths
 from diffusion_jax import reporting
 from diffusion_jax import run as run_lib
@@ -106,10 +107,12 @@ def sample_images(run: run_lib.Run, options: samplers.SamplerOptions, num: int,
   sample_config = ml_collections.ConfigDict(dict(
       dataclasses.asdict(options), num_samples=num, batch_size=batch, seed=seed,
       save_npz=False, save_individual=False))
+  classifier = (noisy_classifier.load_params(run.config, run.workdir)[:2]
+                if options.classifier_scale else None)
   return samplers.generate(run.model, run.diffusion, run.params, sample_config, "",
                            class_cond=m.class_cond, num_classes=m.num_classes,
                            image_shape=(m.image_size, m.image_size, m.in_channels),
-                           write=False)["images"]
+                           write=False, classifier=classifier)["images"]
 
 
 def _to_rgb(images: np.ndarray) -> np.ndarray:
@@ -287,6 +290,8 @@ class Context:
             **({"guidance": [self.sampling.guidance_scale, self.sampling.guidance_t_min,
                              self.sampling.guidance_t_max]}
                if self.sampling.guidance_scale != 1 else {}),  # older pieces stay valid
+            **({"classifier_scale": self.sampling.classifier_scale}
+               if self.sampling.classifier_scale else {}),
             **({"churn": [self.sampling.s_churn, self.sampling.s_tmin, self.sampling.s_tmax,
                           self.sampling.s_noise]} if self.sampling.s_churn != 0 else {}),
             **more}

@@ -43,7 +43,8 @@ class SamplerOptions:
   classifier-free guidance w (1: off; 0: the unconditional model), for class-conditional
   models trained with label dropout to a null class (see `guided`), applied only while
   t/T lies in [guidance_t_min, guidance_t_max] (the guidance interval of Kynkäänniemi et
-  al. 2024; outside it the conditional model alone). s_churn, s_tmin, s_tmax, s_noise:
+  al. 2024; outside it the conditional model alone). classifier_scale: classifier
+  guidance's s (0: off) with the run's noisy classifier (--mode=train_classifier). s_churn, s_tmin, s_tmax, s_noise:
   EDM's stochasticity for "euler" and "heun" (S_churn = 0: the deterministic ODE solver;
   see edm.py).
   """
@@ -57,6 +58,7 @@ class SamplerOptions:
   guidance_scale: float = 1.0
   guidance_t_min: float = 0.0
   guidance_t_max: float = 1.0
+  classifier_scale: float = 0.0
   s_churn: float = 0.0
   s_tmin: float = 0.0
   s_tmax: float = float("inf")
@@ -92,6 +94,10 @@ class SamplerOptions:
             and self.guidance_scale >= 0):
       raise ValueError(f"config.{field}.guidance_scale={self.guidance_scale!r}: must be a "
                        "finite number ≥ 0 (1: no guidance).")
+    if not (isinstance(self.classifier_scale, (int, float))
+            and math.isfinite(self.classifier_scale) and self.classifier_scale >= 0):
+      raise ValueError(f"config.{field}.classifier_scale={self.classifier_scale!r}: must be "
+                       "a finite number ≥ 0 (0: no classifier guidance).")
     lo, hi = self.guidance_t_min, self.guidance_t_max
     if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float))
             and 0 <= lo < hi <= 1):
@@ -122,7 +128,8 @@ class SamplerOptions:
     return self
 
   def kwargs(self) -> dict:
-    """`sample()`'s keyword arguments (guidance is applied to its model_fn: `guided`)."""
+    """`sample()`'s keyword arguments (classifier-free guidance is applied to its
+    model_fn, `guided`; classifier guidance is its `guidance` argument)."""
     kw = dict(sampler=self.sampler, steps=self.steps, clip_denoised=self.clip_denoised,
               eta=self.eta, thresholding=self.thresholding)
     kw.update({name: getattr(self, name) for name, applies_to in _SPECIFIC_FIELDS.items()
@@ -283,7 +290,7 @@ def sample(diffusion: GaussianDiffusion, model_fn, shape, key, sampler: str = "d
 
 def generate(model, diffusion, params, sample_config, out_dir: str, *, class_cond: bool,
              num_classes: int, image_shape, mesh=None, write: bool = True,
-             resume_key: str | None = None) -> dict:
+             resume_key: str | None = None, classifier=None) -> dict:
   """Generates sample_config.num_samples images in batches, sharded over `mesh` (default:
   every device of every process, so each host of a multi-host job computes its share of
   each batch; every process returns all the images, and only those given write=True
@@ -300,6 +307,10 @@ def generate(model, diffusion, params, sample_config, out_dir: str, *, class_con
   as it finishes, and a rerun with the same key computes only the missing batches
   (the same images: batch b's noise depends only on b). The folder is removed once the
   outputs are written.
+
+  classifier: (model, params) of a noisy classifier, required when
+  sample_config.classifier_scale > 0 (classifier guidance towards each batch's labels,
+  which are then saved as for a class-conditional model).
   """
   from jax.sharding import Mesh  # pylint: disable=import-outside-toplevel
   from jax.sharding import NamedSharding  # pylint: disable=import-outside-toplevel
@@ -317,6 +328,10 @@ def generate(model, diffusion, params, sample_config, out_dir: str, *, class_con
     raise ValueError(f"sample.guidance_scale={options.guidance_scale} needs a "
                      "class-conditional model trained with label dropout to a null class "
                      "(model.class_dropout_prob > 0); set guidance_scale=1.")
+  if options.classifier_scale and classifier is None:
+    raise ValueError(f"sample.classifier_scale={options.classifier_scale} needs a noisy "
+                     "classifier (--mode=train_classifier); set classifier_scale=0.")
+  guided_by_classifier = bool(options.classifier_scale)
   mesh = mesh or Mesh(np.array(jax.devices()), ("data",))
   bsz, total = sample_config.batch_size, sample_config.num_samples
   if bsz % mesh.size:
@@ -326,8 +341,13 @@ def generate(model, diffusion, params, sample_config, out_dir: str, *, class_con
 
   # Computed sharded over the batch, returned replicated so every host can read it.
   @functools.partial(jax.jit, out_shardings=replicated)
-  def run(p, key, labels):
+  def run(p, key, labels, classifier_params):
     from diffusion_jax import models  # pylint: disable=import-outside-toplevel
+    guidance = None
+    if guided_by_classifier:
+      log_prob = lambda x, t: jax.nn.log_softmax(
+          classifier[0].apply({"params": classifier_params}, x, t))
+      guidance = ClassifierGuidance(log_prob, labels, options.classifier_scale)
     if options.guidance_scale != 1:
       n = diffusion.num_timesteps
       fn = guided(lambda x, t, y: models.bind(model, p, y)(x, t), labels, num_classes,
@@ -335,14 +355,17 @@ def generate(model, diffusion, params, sample_config, out_dir: str, *, class_con
                   (options.guidance_t_min * n, options.guidance_t_max * n))
     else:
       fn = models.bind(model, p, labels if class_cond else None)
-    x = sample(diffusion, fn, (bsz,) + tuple(image_shape), key, **options.kwargs())
+    x = sample(diffusion, fn, (bsz,) + tuple(image_shape), key, guidance=guidance,
+               **options.kwargs())
     x = jax.lax.with_sharding_constraint(x, out_sharding)
     return jnp.clip(jnp.round((x + 1) * 127.5), 0, 255).astype(jnp.uint8)
 
   # Arrays that are already global (a multi-host train state) are used as they are.
-  params = jax.tree_util.tree_map(
+  to_global = lambda tree: jax.tree_util.tree_map(
       lambda x: x if isinstance(x, jax.Array) and not x.is_fully_addressable
-      else distributed.host_to_global(x, replicated), params)
+      else distributed.host_to_global(x, replicated), tree)
+  params = to_global(params)
+  classifier_params = to_global(classifier[1]) if guided_by_classifier else None
   base = jax.random.PRNGKey(sample_config.seed)
   partial = None
   if resume_key is not None:
@@ -359,7 +382,7 @@ def generate(model, diffusion, params, sample_config, out_dir: str, *, class_con
                            f"({sample_config.steps} steps)",
                            enabled=jax.process_index() == 0):
       run = run.lower(params, jax.ShapeDtypeStruct(base.shape, base.dtype),
-                      jax.ShapeDtypeStruct((bsz,), np.int32)).compile()
+                      jax.ShapeDtypeStruct((bsz,), np.int32), classifier_params).compile()
   images, labels = [], []
   for b in tqdm(range(num_batches), desc=f"sample ({sample_config.sampler})", unit="batch",
                 disable=jax.process_index() != 0):
@@ -367,13 +390,13 @@ def generate(model, diffusion, params, sample_config, out_dir: str, *, class_con
     if b in done:
       batch = paths.load_npz(done[b])["images"]
     else:
-      batch = np.asarray(run(params, key_of(b), y))
+      batch = np.asarray(run(params, key_of(b), y, classifier_params))
       if partial is not None and write:
         paths.save_npz(partial / f"batch_{b:06d}.npz", images=batch)
     images.append(batch)
     labels.append(y)
   images = np.concatenate(images)[:total]
-  labels = np.concatenate(labels)[:total] if class_cond else None
+  labels = np.concatenate(labels)[:total] if class_cond or guided_by_classifier else None
   if write:
     out = paths.makedirs(out_dir)
     reporting.save_png(reporting.image_grid(images[:64]), out / "samples_grid.png",

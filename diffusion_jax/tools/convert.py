@@ -304,3 +304,32 @@ def convert_checkpoint(path: str, config, workdir: str) -> int:
   manager.wait_until_finished()
   manager.close()
   return step
+
+
+def convert_classifier(path: str, config, workdir: str) -> int:
+  """Imports guided-diffusion's noisy classifier (a .pt, .safetensors or .npz state_dict,
+  built as config.classifier says) into WORKDIR/classifier/, where
+  `--mode=train_classifier` would have written it: `--mode=sample
+  --config.sample.classifier_scale=S` then guides with it, and train_classifier
+  fine-tunes it. Refuses a workdir that already has a classifier. Returns its step."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  from diffusion_jax import config_lib  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import noisy_classifier  # pylint: disable=import-outside-toplevel
+  config_lib.validate_config(config)
+  model = noisy_classifier.build(config)
+  params = torch_to_flax(read_state_dict(path, max_elements(model)), model)
+  step = step_from_filename(path)
+  paths.check_writable(workdir)
+  manager = noisy_classifier.manager(workdir)
+  if manager.latest_step() is not None:
+    raise FileExistsError(f"{workdir} already holds a classifier (step "
+                          f"{manager.latest_step()}); import into a new --workdir (nothing "
+                          "was changed).")
+  tx = noisy_classifier.optimizer(config)
+  state = {"params": params, "opt_state": tx.init(params), "step": np.int32(step)}
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             data_iter=ocp.args.JsonSave({})))
+  manager.wait_until_finished()
+  manager.close()
+  return step
