@@ -102,10 +102,24 @@ def _validate_classifier_fields(config) -> None:
   _require(math.isfinite(c.lr) and c.lr > 0, "classifier.lr", c.lr, "must be > 0")
   _require(math.isfinite(c.weight_decay) and c.weight_decay >= 0, "classifier.weight_decay",
            c.weight_decay, "must be ≥ 0")
-  size = config.data.image_size
-  resolutions = int_list(c.attention_resolutions, "classifier.attention_resolutions")
-  _require(all(size % r == 0 for r in resolutions), "classifier.attention_resolutions",
-           c.attention_resolutions, f"each must divide data.image_size={size}")
+  int_list(c.attention_resolutions, "classifier.attention_resolutions")
+  try:
+    ok = all(float(v) > 0 for v in str(c.channel_mult).split(",")) if c.channel_mult else True
+  except ValueError:
+    ok = False
+  _require(ok, "classifier.channel_mult", c.channel_mult,
+           "comma-separated positive multipliers, e.g. '1,2,2', or '' for the default")
+
+
+def validate_classifier(config) -> None:
+  """config.classifier against the data's image size, where a classifier is trained,
+  imported or used (not for every run: the defaults are guided-diffusion's, for 64 px
+  and up)."""
+  _validate_classifier_fields(config)
+  c, size = config.classifier, config.data.image_size
+  _require(all(size % r == 0 for r in int_list(c.attention_resolutions, "")),
+           "classifier.attention_resolutions", c.attention_resolutions,
+           f"each must divide data.image_size={size}")
   try:
     models.parse_channel_mult(c.channel_mult, size)
   except ValueError as e:

@@ -140,6 +140,7 @@ def sample_from_workdir(config, workdir: str) -> dict:
       f"_cg{s.classifier_scale:g}" if s.classifier_scale else "")
   classifier, classifier_step = None, None
   if s.classifier_scale:
+    config_lib.validate_classifier(config)
     *classifier, classifier_step = noisy_classifier.load_params(config, workdir)
   out_dir = os.fspath(paths.path(workdir) / "samples" / f"{s.sampler}_{s.steps}{suffix}")
   m = config.model

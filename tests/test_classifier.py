@@ -71,6 +71,21 @@ def test_the_classifier_guides_a_sampler():
   assert g.shape == x.shape and bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).max()) > 0
 
 
+def test_the_classifier_defaults_bind_only_where_a_classifier_is_used():
+  """guided-diffusion's defaults (attention at 32/16/8 px) do not fit 16 px data: a run that
+  never uses a classifier is not refused for it, training one is, naming the field."""
+  from diffusion_jax import config_lib  # pylint: disable=import-outside-toplevel
+  config = _tiny_classifier_config()
+  config.classifier.attention_resolutions = "32,16,8"
+  config.data.image_size = config.model.image_size = 16
+  config.model.attention_resolutions = "8"
+  config_lib.validate_config(config, num_devices=1)
+  with pytest.raises(config_lib.ConfigError,
+                     match="classifier.attention_resolutions='32,16,8': each must divide "
+                           "data.image_size=16"):
+    config_lib.validate_classifier(config)
+
+
 def test_bad_classifier_arguments():
   with pytest.raises(ValueError, match="pool='max'"):
     classifier.create(32, pool="max")

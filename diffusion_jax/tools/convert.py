@@ -317,6 +317,7 @@ def convert_classifier(path: str, config, workdir: str) -> int:
   from diffusion_jax import config_lib  # pylint: disable=import-outside-toplevel
   from diffusion_jax import noisy_classifier  # pylint: disable=import-outside-toplevel
   config_lib.validate_config(config)
+  config_lib.validate_classifier(config)
   model = noisy_classifier.build(config)
   params = torch_to_flax(read_state_dict(path, max_elements(model)), model)
   step = step_from_filename(path)

@@ -31,6 +31,7 @@ from diffusion_jax.data import input_pipeline
 def train_classifier(config, workdir: str) -> dict:
   """Trains (or resumes) the noisy classifier; returns {"step", "accuracy", "dir"}."""
   config_lib.validate_config(config)
+  config_lib.validate_classifier(config)
   c = config.classifier
   model, tx = noisy_classifier.build(config), noisy_classifier.optimizer(config)
   diffusion = config_lib.build_diffusion(config)
