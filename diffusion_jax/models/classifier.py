@@ -98,17 +98,11 @@ def create(image_size: int, width: int = 128, depth: int = 2,
   UNet's default for image_size; `in_channels` and `num_classes` allow other data."""
   if pool not in POOLS:
     raise ValueError(f"pool={pool!r}: choose one of {list(POOLS)}.")
-  mult = unet.parse_channel_mult(channel_mult, image_size)
-  attention_ds = []
-  for res in str(attention_resolutions).split(","):
-    res = int(res)
-    if res <= 0 or image_size % res:
-      raise ValueError(f"attention resolution {res} does not divide image_size={image_size}.")
-    attention_ds.append(image_size // res)
   return EncoderUNetModel(
       image_size=image_size, in_channels=in_channels, model_channels=width,
       out_channels=num_classes, num_res_blocks=depth,
-      attention_resolutions=tuple(attention_ds), channel_mult=mult,
+      attention_resolutions=unet.attention_factors(attention_resolutions, image_size),
+      channel_mult=unet.parse_channel_mult(channel_mult, image_size),
       dtype=unet._DTYPES[dtype], num_head_channels=num_head_channels,  # pylint: disable=protected-access
       use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown, pool=pool)
 

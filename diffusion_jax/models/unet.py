@@ -314,6 +314,17 @@ def parse_channel_mult(channel_mult, image_size: int) -> tuple:
   return mult
 
 
+def attention_factors(attention_resolutions: str, image_size: int) -> tuple:
+  """Resolutions with attention ("32,16,8") as guided-diffusion's downsampling factors."""
+  factors = []
+  for res in str(attention_resolutions).split(","):
+    res = int(res)
+    if res <= 0 or image_size % res:
+      raise ValueError(f"attention resolution {res} does not divide image_size={image_size}.")
+    factors.append(image_size // res)
+  return tuple(factors)
+
+
 def create(image_size: int, num_channels: int, num_res_blocks: int,
                  channel_mult="", learn_sigma: bool = False, class_cond: bool = False,
                  use_checkpoint: bool = False, attention_resolutions: str = "16",
@@ -334,12 +345,7 @@ def create(image_size: int, num_channels: int, num_res_blocks: int,
   with that probability, for classifier-free guidance; its embedding gets one more row.
   """
   mult = parse_channel_mult(channel_mult, image_size)
-  attention_ds = []
-  for res in str(attention_resolutions).split(","):
-    res = int(res)
-    if res <= 0 or image_size % res:
-      raise ValueError(f"attention resolution {res} does not divide image_size={image_size}.")
-    attention_ds.append(image_size // res)
+  attention_ds = attention_factors(attention_resolutions, image_size)
   if not 0 <= class_dropout_prob < 1:
     raise ValueError(f"class_dropout_prob={class_dropout_prob} is not in [0, 1).")
   if use_fp16:
@@ -355,7 +361,7 @@ def create(image_size: int, num_channels: int, num_res_blocks: int,
       model_channels=num_channels,
       out_channels=in_channels * (2 if learn_sigma else 1),
       num_res_blocks=num_res_blocks,
-      attention_resolutions=tuple(attention_ds),
+      attention_resolutions=attention_ds,
       dropout=dropout,
       channel_mult=mult,
       num_classes=num_classes if class_cond else None,
