@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from diffusion_jax.tools import allocator
 
 TCMALLOC = "libtcmalloc_minimal.so.4"
@@ -34,6 +36,19 @@ def test_other_programs_get_the_environment_without_our_preload():
   assert allocator.environment_for_other_programs(only_ours) == {}
   users_own = {"LD_PRELOAD": TCMALLOC}  # preloaded by the user, not by us: kept
   assert allocator.environment_for_other_programs(users_own) == users_own
+
+
+def test_other_programs_can_be_given_tcmalloc_for_a_comparison_of_steps():
+  ours = {"LD_PRELOAD": f"{TCMALLOC} libmine.so", allocator.ENV: "tcmalloc", "X": "1"}
+  found = lambda: TCMALLOC
+  assert allocator.environment_for_other_programs(ours, "tcmalloc", find=found) == {
+      "LD_PRELOAD": f"{TCMALLOC} libmine.so", "X": "1"}
+  assert allocator.environment_for_other_programs({}, "tcmalloc", find=found) == {
+      "LD_PRELOAD": TCMALLOC}
+  with pytest.raises(ValueError, match="libtcmalloc-minimal4"):
+    allocator.environment_for_other_programs({}, "tcmalloc", find=lambda: None)
+  with pytest.raises(ValueError, match="'jemalloc'"):
+    allocator.environment_for_other_programs({}, "jemalloc", find=found)
 
 
 def _child(env_extra):

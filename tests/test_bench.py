@@ -41,7 +41,7 @@ def test_side_by_side_alternates_processes_and_takes_medians(tmp_path, monkeypat
       f"open({str(log)!r}, 'a').write('ours ' + str(os.environ.get({allocator.ENV!r})) + '\\n')\n"
       f"n = sum(1 for line in open({str(log)!r}) if line.startswith('ours'))\n"
       "out = [a for a in sys.argv if a.startswith('--json=')][0][7:]\n"
-      "json.dump({'train_images_per_s': [0, 10.0, 50.0, 20.0, 5.0][n]}, open(out, 'w'))")]
+      "json.dump({'train_images_per_s': [0, 10.0, 50.0, 20.0, 5.0, 5.0][n]}, open(out, 'w'))")]
   official = [sys.executable, "-c", (
       "import json, os\n"
       f"open({str(log)!r}, 'a').write('official ' + str(os.environ.get({allocator.ENV!r})) + '\\n')\n"
@@ -52,6 +52,15 @@ def test_side_by_side_alternates_processes_and_takes_medians(tmp_path, monkeypat
   assert result["ours_images_per_s"] == [10.0, 50.0, 20.0]
   assert result["ours_median"] == 20.0 and result["official_median"] == 10.0
   assert result["ratio"] == 2.0
+  assert result["baseline_allocator"] == "system"
+  monkeypatch.setattr(allocator, "find_tcmalloc", lambda: "libtcmalloc_fake.so")
+  preload = [sys.executable, "-c", (
+      "import json, os\n"
+      f"open({str(log)!r}, 'a').write('preload ' + os.environ.get('LD_PRELOAD', '') + '\\n')\n"
+      "print(json.dumps({'images_per_s': 10.0}))")]
+  result = bench.side_by_side(ours, preload, runs=1, baseline_allocator="tcmalloc")
+  assert log.read_text().splitlines()[-1] == "preload libtcmalloc_fake.so"
+  assert result["baseline_allocator"] == "tcmalloc"
   broken = [sys.executable, "-c", "import sys; sys.exit('no torch here')"]
   with pytest.raises(RuntimeError, match="no torch here"):
     bench.side_by_side(ours, broken, runs=1)

@@ -73,9 +73,19 @@ def use_tcmalloc() -> None:
     os.execve(sys.executable, *command)
 
 
-def environment_for_other_programs(environ: Mapping[str, str]) -> dict[str, str]:
-  """`environ` without the tcmalloc that `use_tcmalloc` added, for child processes that
-  are not ours (the official baseline runs with the allocator its users get)."""
+def environment_for_other_programs(environ: Mapping[str, str], host_allocator: str = "system",
+                                   find: Callable[[], str | None] | None = None
+                                   ) -> dict[str, str]:
+  """`environ` for a child process that is not ours (the official baseline).
+
+  host_allocator: "system" removes the tcmalloc that `use_tcmalloc` added, so the child
+  runs with the allocator its own users get; "tcmalloc" preloads tcmalloc for it as for
+  ours, so that a comparison of the two steps is not one of allocators.
+  find: where tcmalloc is (default `find_tcmalloc`). Raises ValueError for another
+  allocator name, or for "tcmalloc" when none is installed.
+  """
+  if host_allocator not in ("system", "tcmalloc"):
+    raise ValueError(f"host allocator {host_allocator!r}: choose 'system' or 'tcmalloc'.")
   env = dict(environ)
   if env.pop(ENV, None) == "tcmalloc":
     kept = [p for p in env.get("LD_PRELOAD", "").split() if "tcmalloc" not in p]
@@ -83,6 +93,12 @@ def environment_for_other_programs(environ: Mapping[str, str]) -> dict[str, str]
       env["LD_PRELOAD"] = " ".join(kept)
     else:
       env.pop("LD_PRELOAD", None)
+  if host_allocator == "tcmalloc" and "tcmalloc" not in env.get("LD_PRELOAD", ""):
+    library = (find or find_tcmalloc)()
+    if library is None:
+      raise ValueError("tcmalloc is not installed (Debian/Ubuntu: apt-get install "
+                       "libtcmalloc-minimal4); use the system allocator instead.")
+    env["LD_PRELOAD"] = f"{library} {env.get('LD_PRELOAD', '')}".strip()
   return env
 
 

@@ -61,6 +61,9 @@ flags.DEFINE_string("baseline_case", "", "The official runner's case: small32 "
                     "(= configs/bench_cpu_small.py), paper64 (= configs/bench_cpu_small.py:"
                     "paper64) or paper256; empty: the case whose model and batch equal the "
                     "config's.")
+flags.DEFINE_enum("baseline_allocator", "system", ["system", "tcmalloc"],
+                  "The official step's host allocator: system (what its users get) or "
+                  "tcmalloc (as ours: compares the steps, not the allocators).")
 flags.DEFINE_integer("baseline_runs", 3, "Processes of each side, alternating.")
 flags.DEFINE_string("baseline_cmd", os.path.normpath(os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "baseline",
@@ -205,15 +208,17 @@ def benchmark(config, runs: int = 10, warmup: int = 2) -> dict:
   return result
 
 
-def side_by_side(ours_cmd: list[str], baseline_cmd: list[str], runs: int) -> dict:
+def side_by_side(ours_cmd: list[str], baseline_cmd: list[str], runs: int,
+                 baseline_allocator: str = "system") -> dict:
   """Alternates `runs` processes of each command (ours first) and returns both sides'
   train images/s per run, their medians and the ratio ours ÷ official.
 
   ours_cmd must accept `--json=FILE` (diffusion_jax.tools.bench); baseline_cmd prints a JSON
   line with "images_per_s" last (../shared/baseline/run_ref_step.sh). The baseline runs
-  in the environment its own users have: without the tcmalloc that our entry points
-  preload (`allocator.environment_for_other_programs`).
+  with `baseline_allocator` (`allocator.environment_for_other_programs`): "system", the
+  environment its own users have, or "tcmalloc", the allocator our entry points preload.
   """
+  baseline_env = allocator.environment_for_other_programs(os.environ, baseline_allocator)
   ours, theirs = [], []
   with tempfile.TemporaryDirectory() as tmp:
     for i in range(runs):
@@ -223,14 +228,14 @@ def side_by_side(ours_cmd: list[str], baseline_cmd: list[str], runs: int) -> dic
         raise RuntimeError(f"{' '.join(ours_cmd)} failed:\n{done.stderr[-2000:]}")
       with open(out, encoding="utf-8") as f:
         ours.append(json.load(f)["train_images_per_s"])
-      done = subprocess.run(baseline_cmd, capture_output=True, text=True,
-                            env=allocator.environment_for_other_programs(os.environ))
+      done = subprocess.run(baseline_cmd, capture_output=True, text=True, env=baseline_env)
       if done.returncode:
         raise RuntimeError(f"{' '.join(baseline_cmd)} failed:\n{done.stderr[-2000:]}")
       theirs.append(json.loads(done.stdout.strip().splitlines()[-1])["images_per_s"])
   a, b = statistics.median(ours), statistics.median(theirs)
   return {"ours_images_per_s": ours, "official_images_per_s": theirs,
-          "ours_median": a, "official_median": b, "ratio": a / b, "runs": runs}
+          "ours_median": a, "official_median": b, "ratio": a / b, "runs": runs,
+          "baseline_allocator": baseline_allocator}
 
 
 # The official runner's cases (../shared/baseline/ref_step.py) as (image_size,
@@ -263,16 +268,21 @@ def _side_by_side_main(argv) -> None:
   if not os.path.exists(FLAGS.baseline_cmd):
     raise app.UsageError(f"--baseline_cmd={FLAGS.baseline_cmd} does not exist; point it at "
                          "the official code's runner (../shared/baseline/run_ref_step.sh).")
-  dropped = ("--baseline", "--json")
+  dropped = ("--baseline", "--json")  # --baseline_* too: ours never sees them
   own = [a for a in argv[1:] if not a.startswith(dropped) and a != "--nobaseline"]
   ours_cmd = [sys.executable, "-m", "diffusion_jax.tools.bench"] + own
   case = baseline_case_for(FLAGS.config, FLAGS.baseline_case)
-  result = side_by_side(ours_cmd, [FLAGS.baseline_cmd, case], FLAGS.baseline_runs)
+  try:
+    result = side_by_side(ours_cmd, [FLAGS.baseline_cmd, case], FLAGS.baseline_runs,
+                          FLAGS.baseline_allocator)
+  except ValueError as e:
+    raise app.UsageError(f"--baseline_allocator={FLAGS.baseline_allocator}: {e}") from e
   result["case"] = case
   print(f"side by side, alternating {result['runs']} processes each, on this machine:\n"
         f"  diffusion_jax  {result['ours_median']:.2f} train images/s  "
         f"(runs {', '.join(f'{v:.2f}' for v in result['ours_images_per_s'])})\n"
-        f"  official       {result['official_median']:.2f} train images/s  "
+        f"  official       {result['official_median']:.2f} train images/s, "
+        f"{result['baseline_allocator']} allocator  "
         f"(runs {', '.join(f'{v:.2f}' for v in result['official_images_per_s'])})\n"
         f"  ratio          {result['ratio']:.2f}×  (diffusion_jax ÷ official, medians)")
   if FLAGS.json:
