@@ -101,7 +101,7 @@ def _tiny_classifier_config():
   return c
 
 
-def test_train_classifier_learns_checkpoints_and_resumes(tmp_path):
+def test_train_classifier_learns_checkpoints_and_resumes(tmp_path, capsys):
   from diffusion_jax import noisy_classifier  # pylint: disable=import-outside-toplevel
   from diffusion_jax.training import classifier_train  # pylint: disable=import-outside-toplevel
   config = _tiny_classifier_config()
@@ -115,6 +115,12 @@ def test_train_classifier_learns_checkpoints_and_resumes(tmp_path):
   assert step == 6
   changed = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), params_4, params_6)
   assert max(jax.tree_util.tree_leaves(changed)) > 0
+  capsys.readouterr()
+  again = classifier_train.train_classifier(config, str(tmp_path))  # finished: left alone
+  assert again["step"] == 6 and again["accuracy"] is None
+  assert "already trained to step 6" in capsys.readouterr().out
+  _, params_again, _ = noisy_classifier.load_params(config, str(tmp_path))
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, params_6, params_again))
   with pytest.raises(FileNotFoundError, match="--mode=train_classifier"):
     noisy_classifier.load_params(config, str(tmp_path / "none"))
 

@@ -9,6 +9,7 @@ left alone. `--mode=sample --config.sample.classifier_scale=S` then guides with 
 """
 from __future__ import annotations
 
+import collections
 import os
 import time
 
@@ -66,7 +67,7 @@ def train_classifier(config, workdir: str) -> dict:
     return ({"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
              "step": state["step"] + 1}, {"loss": loss, "accuracy": accuracy})
 
-  step, recent = int(state["step"]), []
+  step, recent = int(state["step"]), collections.deque(maxlen=c.log_every)
   start = time.time()
   with tqdm(total=c.num_steps, initial=step, desc="classifier", unit="step",
             disable=jax.process_index() != 0) as bar:
@@ -77,7 +78,7 @@ def train_classifier(config, workdir: str) -> dict:
                         for k in ("image", "label"))
       state, metrics = step_fn(state, images, labels)
       step += 1
-      recent = (recent + [metrics])[-c.log_every:]
+      recent.append(metrics)
       bar.update(1)
       if step % c.log_every == 0:
         bar.set_postfix(loss=f"{float(metrics['loss']):.3f}",
@@ -90,7 +91,11 @@ def train_classifier(config, workdir: str) -> dict:
   mgr.close()
   accuracy = float(np.mean([float(m["accuracy"]) for m in recent])) if recent else None
   out = os.fspath(paths.path(workdir) / noisy_classifier.CHECKPOINTS)
-  if jax.process_index() == 0 and recent:
-    print(f"Noisy classifier at step {step}: accuracy {accuracy:.2f} over all t (last "
-          f"{len(recent)} batches), {time.time() - start:.0f} s → {out}", flush=True)
+  if jax.process_index() == 0:
+    if recent:
+      print(f"Noisy classifier at step {step}: accuracy {accuracy:.2f} over all t (last "
+            f"{len(recent)} batches), {time.time() - start:.0f} s → {out}", flush=True)
+    else:
+      print(f"Noisy classifier already trained to step {step} (classifier.num_steps = "
+            f"{c.num_steps}) in {out}; raise classifier.num_steps to train on.", flush=True)
   return {"step": step, "accuracy": accuracy, "dir": out}
