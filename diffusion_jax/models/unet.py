@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models import layers
+from diffusion_jax.models import winograd
 
 Dtype = Any
 ARCHITECTURE_NAME = "adm_unet"
@@ -39,7 +40,7 @@ def _conv(features: int, name: str, dtype: Dtype, kernel: int = 3, stride: int =
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), dtype=dtype, param_dtype=jnp.float32,
                  kernel_init=nn.initializers.zeros if zero else _torch_default_init,
-                 name=name)
+                 conv_general_dilated=winograd.conv_general_dilated, name=name)
 
 
 def _torch_default_init(key, shape, dtype=jnp.float32):
