@@ -1,23 +1,26 @@
-"""3×3 convolutions by Winograd's minimal filtering F(2×2, 3×3), for XLA:CPU.
+"""3×3 convolutions by Winograd's minimal filtering F(4×4, 3×3) and F(2×2, 3×3), for XLA:CPU.
 
-XLA:CPU runs a 3×3 convolution as a direct (Eigen) convolution. Winograd's algorithm
-(Lavin & Gray, 2016) computes each 2×2 output tile from a 4×4 input tile with 16
-multiplications per channel pair instead of 36: the input tiles and the kernel are
-transformed (additions only), the 16 transformed positions become 16 batched matrix
-products over channels, and the products are transformed back. The train step of the
-CPU benchmark cases ran 1.27× (small32) and 1.58× (paper64) faster with it on 2 cores
-(PERF_NOTES.md, 2026-12-06). GPUs and TPUs keep XLA's convolution (cuDNN picks its own
+XLA:CPU runs a 3×3 convolution as a direct (Eigen) convolution: 9 multiplications per output
+and channel pair. Winograd's algorithm (Lavin & Gray, 2016) computes an m×m output tile from
+an (m+2)×(m+2) input tile: the input tiles and the kernel are transformed (additions and
+scalings), the (m+2)² transformed positions become that many batched matrix products over
+channels, and the products are transformed back. F(4×4, 3×3) does 36 products per 16 outputs
+(2.25 per output), F(2×2, 3×3) 16 per 4 (4 per output). Heights and widths divisible by 4 take
+F(4×4, 3×3), other even ones F(2×2, 3×3). Speed-ups of the CPU benchmark's train step are in
+PERF_NOTES.md (2026-12-06). GPUs and TPUs keep XLA's convolution (cuDNN picks its own
 algorithms), and so does every count of the model's FLOPs (`direct_convolutions`).
 
-The result equals the direct convolution up to float32 rounding (relative differences
-~1e-6 in the outputs and gradients, tests/test_winograd.py). Parameters are the usual
-HWIO kernels: checkpoints do not depend on the algorithm.
+The result equals the direct convolution up to float32 rounding: relative differences ~1e-6
+for F(2×2, 3×3) and ~5e-6 for F(4×4, 3×3), whose transforms scale by up to 8 and 1/24
+(tests/test_winograd.py). Parameters are the usual HWIO kernels: checkpoints do not depend on
+the algorithm.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
-from typing import Any
+from typing import Any, NamedTuple, Sequence
 
 import jax
 from jax import lax
@@ -37,6 +40,38 @@ def direct_convolutions():
     yield
   finally:
     _STATE.direct = before
+
+
+class Tiling(NamedTuple):
+  """F(m×m, 3×3): output tile size m and the transforms of Lavin & Gray (2016), rows of
+  Bᵀ ((m+2)×(m+2), input), G ((m+2)×3, kernel) and Aᵀ (m×(m+2), output)."""
+  m: int
+  bt: tuple[tuple[float, ...], ...]
+  g: tuple[tuple[float, ...], ...]
+  at: tuple[tuple[float, ...], ...]
+
+
+F2x2 = Tiling(
+    m=2,
+    bt=((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+    g=((1, 0, 0), (.5, .5, .5), (.5, -.5, .5), (0, 0, 1)),
+    at=((1, 1, 1, 0), (0, 1, -1, -1)))
+
+F4x4 = Tiling(
+    m=4,
+    bt=((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+        (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+    g=((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+       (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+    at=((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)))
+
+
+def tiling_for(height: int, width: int) -> Tiling | None:
+  """The largest tiling whose tile divides both sides; None if a side is odd."""
+  for tiling in (F4x4, F2x2):
+    if height % tiling.m == 0 and width % tiling.m == 0:
+      return tiling
+  return None
 
 
 def _nhwc_hwio(lhs, rhs) -> lax.ConvDimensionNumbers:
@@ -63,7 +98,7 @@ def applies(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=N
           and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
           and feature_group_count == 1 and batch_group_count == 1 and precision is None
           and preferred_element_type in (None, jnp.float32)
-          and lhs.shape[1] % 2 == 0 and lhs.shape[2] % 2 == 0)
+          and tiling_for(lhs.shape[1], lhs.shape[2]) is not None)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -77,113 +112,126 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                                   rhs_dilation, dimension_numbers, **kwargs)
 
 
-# The 1-D transforms of F(2, 3) on tuples of arrays. Inputs d0..d3 → Bᵀd; kernel taps
-# g0..g2 → G g; products m0..m3 → Aᵀm; and the adjoint (transpose) of each.
-def _bt(d0, d1, d2, d3):
-  return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+def _combine(matrix: Sequence[Sequence[float]], xs: Sequence[jax.Array]) -> list[jax.Array]:
+  """[Σ_j matrix[i][j] · xs[j] for each row i], skipping zero coefficients and
+  multiplications by ±1 (the transforms are sparse)."""
+  out = []
+  for row in matrix:
+    acc = None
+    for coefficient, x in zip(row, xs):
+      if coefficient == 0:
+        continue
+      term = x if coefficient == 1 else -x if coefficient == -1 else x * coefficient
+      acc = term if acc is None else acc + term
+    out.append(acc)
+  return out
 
 
-def _bt_adjoint(v0, v1, v2, v3):
-  return v0, v1 - v2 + v3, v1 + v2 - v0, -v3
+def _transposed(matrix):
+  return tuple(zip(*matrix))
 
 
-def _g(g0, g1, g2):
-  return g0, (g0 + g1 + g2) * 0.5, (g0 - g1 + g2) * 0.5, g2
-
-
-def _g_adjoint(u0, u1, u2, u3):
-  return u0 + (u1 + u2) * 0.5, (u1 - u2) * 0.5, (u1 + u2) * 0.5 + u3
-
-
-def _at(m0, m1, m2, m3):
-  return m0 + m1 + m2, m1 - m2 - m3
-
-
-def _at_adjoint(y0, y1):
-  return y0, y0 + y1, y0 - y1, -y1
-
-
-def _input_transform(x):
-  """(B, H, W, C) → (16, B·H/2·W/2, C): Bᵀ d B for every 4×4 tile (stride 2) of x padded by 1."""
+def _input_transform(x, tiling: Tiling):
+  """(B, H, W, C) → ((m+2)², B·H/m·W/m, C): Bᵀ d B for every (m+2)×(m+2) tile (stride m)
+  of x padded by 1."""
   _, h, w, c = x.shape
+  m, a = tiling.m, tiling.m + 2
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  rows = _bt(*(xp[:, i:i + h:2] for i in range(4)))
-  tiles = [t for r in rows for t in _bt(*(r[:, :, j:j + w:2] for j in range(4)))]
-  return jnp.stack(tiles).reshape(16, -1, c)
+  rows = _combine(tiling.bt, [xp[:, i:i + h:m] for i in range(a)])
+  tiles = [t for r in rows for t in _combine(tiling.bt, [r[:, :, j:j + w:m] for j in range(a)])]
+  return jnp.stack(tiles).reshape(a * a, -1, c)
 
 
-def _overlap_add(parts, axis: int, size: int):
-  """Adjoint of taking 4 stride-2 slices along `axis` of an array padded by 1 on each
-  side: tile t's part k lands at padded position 2t + k. Returns the unpadded `size`."""
+def _overlap_add(parts, axis: int, size: int, m: int):
+  """Adjoint of taking m+2 stride-m slices along `axis` of an array padded by 1 on each
+  side: tile t's part k lands at padded position m·t + k, so phase p < m collects part p of
+  tile t and part p + m of tile t − 1. Returns the unpadded `size`."""
   def pad(a, before, after):
     widths = [(0, 0)] * a.ndim
     widths[axis] = (before, after)
     return jnp.pad(a, widths)
-  even = pad(parts[0], 0, 1) + pad(parts[2], 1, 0)  # padded positions 2t
-  odd = pad(parts[1], 0, 1) + pad(parts[3], 1, 0)   # padded positions 2t + 1
-  both = jnp.stack([even, odd], axis + 1)
-  shape = list(even.shape)
-  shape[axis] *= 2
-  return lax.slice_in_dim(both.reshape(shape), 1, size + 1, axis=axis)
+  phases = [pad(parts[p], 0, 1) + pad(parts[p + m], 1, 0) if p + m < len(parts)
+            else pad(parts[p], 0, 1) for p in range(m)]
+  shape = list(phases[0].shape)
+  shape[axis] *= m
+  return lax.slice_in_dim(jnp.stack(phases, axis + 1).reshape(shape), 1, size + 1, axis=axis)
 
 
-def _input_transform_adjoint(dv, shape):
+def _input_transform_adjoint(dv, shape, tiling: Tiling):
   b, h, w, c = shape
-  dv = dv.reshape(4, 4, b, h // 2, w // 2, c)
-  rows = [_overlap_add(_bt_adjoint(*(dv[i, j] for j in range(4))), 2, w) for i in range(4)]
-  return _overlap_add(_bt_adjoint(*rows), 1, h)
+  m, a = tiling.m, tiling.m + 2
+  dv = dv.reshape(a, a, b, h // m, w // m, c)
+  b_matrix = _transposed(tiling.bt)
+  rows = [_overlap_add(_combine(b_matrix, [dv[i, j] for j in range(a)]), 2, w, m)
+          for i in range(a)]
+  return _overlap_add(_combine(b_matrix, rows), 1, h, m)
 
 
-def _kernel_transform(kernel):
-  """(3, 3, Ci, Co) → (16, Ci, Co): G g Gᵀ."""
-  rows = _g(kernel[0], kernel[1], kernel[2])
-  return jnp.stack([t for r in rows for t in _g(r[0], r[1], r[2])])
+def _kernel_transform(kernel, tiling: Tiling):
+  """(3, 3, Ci, Co) → ((m+2)², Ci, Co): G g Gᵀ."""
+  rows = _combine(tiling.g, [kernel[0], kernel[1], kernel[2]])
+  return jnp.stack([t for r in rows for t in _combine(tiling.g, [r[0], r[1], r[2]])])
 
 
-def _kernel_transform_adjoint(du):
-  du = du.reshape(4, 4, *du.shape[1:])
-  rows = [jnp.stack(_g_adjoint(*(du[i, j] for j in range(4)))) for i in range(4)]
-  return jnp.stack(_g_adjoint(*rows))
+def _kernel_transform_adjoint(du, tiling: Tiling):
+  a = tiling.m + 2
+  du = du.reshape(a, a, *du.shape[1:])
+  g_t = _transposed(tiling.g)
+  rows = [jnp.stack(_combine(g_t, [du[i, j] for j in range(a)])) for i in range(a)]
+  return jnp.stack(_combine(g_t, rows))
 
 
-def _output_transform(m, shape):
-  """(16, B·H/2·W/2, Co) → (B, H, W, Co): Aᵀ M A per tile, tiles put side by side."""
+def _output_transform(products, shape, tiling: Tiling):
+  """((m+2)², B·H/m·W/m, Co) → (B, H, W, Co): Aᵀ M A per tile, tiles put side by side."""
   b, h, w, _ = shape
-  m = m.reshape(4, 4, b, h // 2, w // 2, -1)
-  rows = _at(*(m[i] for i in range(4)))
-  y = [_at(*(r[j] for j in range(4))) for r in rows]  # y[row in tile][column in tile]
-  return jnp.stack([jnp.stack(y[i], 3) for i in range(2)], 2).reshape(b, h, w, -1)
+  m, a = tiling.m, tiling.m + 2
+  products = products.reshape(a, a, b, h // m, w // m, -1)
+  rows = _combine(tiling.at, [products[i] for i in range(a)])
+  y = [_combine(tiling.at, [r[j] for j in range(a)]) for r in rows]  # y[tile row][tile col]
+  return jnp.stack([jnp.stack(y[i], 3) for i in range(m)], 2).reshape(b, h, w, -1)
 
 
-def _output_transform_adjoint(dy):
+def _output_transform_adjoint(dy, tiling: Tiling):
   b, h, w, c = dy.shape
-  d = dy.reshape(b, h // 2, 2, w // 2, 2, c)
-  rows = [jnp.stack(_at_adjoint(d[:, :, i, :, 0], d[:, :, i, :, 1])) for i in range(2)]
-  return jnp.stack(_at_adjoint(*rows)).reshape(16, -1, c)
+  m, a = tiling.m, tiling.m + 2
+  d = dy.reshape(b, h // m, m, w // m, m, c)
+  a_matrix = _transposed(tiling.at)
+  rows = [jnp.stack(_combine(a_matrix, [d[:, :, i, :, j] for j in range(m)]))
+          for i in range(m)]
+  return jnp.stack(_combine(a_matrix, rows)).reshape(a * a, -1, c)
 
 
-@jax.custom_vjp
-def conv3x3(x, kernel):
+def conv3x3(x, kernel, tiling: Tiling | None = None):
   """3×3 convolution, stride 1, zero padding 1: x (B, H, W, Ci) float32 with H and W
   even, kernel (3, 3, Ci, Co) → (B, H, W, Co), as `lax.conv_general_dilated` computes it
-  (cross-correlation, NHWC/HWIO)."""
-  return _conv3x3_forward(x, kernel)[0]
+  (cross-correlation, NHWC/HWIO). `tiling` defaults to `tiling_for(H, W)`."""
+  tiling = tiling or tiling_for(x.shape[1], x.shape[2])
+  if tiling is None or x.shape[1] % tiling.m or x.shape[2] % tiling.m:
+    raise ValueError(f"Winograd's 3×3 convolution needs height and width divisible by its "
+                     f"tile ({tiling.m if tiling else 2}), got {x.shape[1:3]}")
+  return _conv3x3(x, kernel, tiling)
 
 
-def _conv3x3_forward(x, kernel):
-  v, u = _input_transform(x), _kernel_transform(kernel)
-  y = _output_transform(jnp.einsum("tnc,tcd->tnd", v, u), (*x.shape[:3], kernel.shape[3]))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv3x3(x, kernel, tiling):
+  return _conv3x3_forward(x, kernel, tiling)[0]
+
+
+def _conv3x3_forward(x, kernel, tiling):
+  v, u = _input_transform(x, tiling), _kernel_transform(kernel, tiling)
+  y = _output_transform(jnp.einsum("tnc,tcd->tnd", v, u), (*x.shape[:3], kernel.shape[3]),
+                        tiling)
   return y, (v, u, x.shape)
 
 
-def _conv3x3_backward(residuals, dy):
+def _conv3x3_backward(tiling, residuals, dy):
   # Written out (not left to autodiff) so the transposed transforms stay elementwise
   # passes and the products stay two batched matrix products.
   v, u, shape = residuals
-  dm = _output_transform_adjoint(dy)
+  dm = _output_transform_adjoint(dy, tiling)
   dv = jnp.einsum("tnd,tcd->tnc", dm, u)
   du = jnp.einsum("tnc,tnd->tcd", v, dm)
-  return _input_transform_adjoint(dv, shape), _kernel_transform_adjoint(du)
+  return _input_transform_adjoint(dv, shape, tiling), _kernel_transform_adjoint(du, tiling)
 
 
-conv3x3.defvjp(_conv3x3_forward, _conv3x3_backward)
+_conv3x3.defvjp(_conv3x3_forward, _conv3x3_backward)
