@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from typing import Any, NamedTuple, Sequence
+from typing import Any
+from typing import NamedTuple
+from typing import Sequence
 
 import jax
 from jax import lax
